@@ -206,14 +206,20 @@ class HPAOptimizer(Optimizer):
 
     # ------------------------------------------------------------------ the AdamW step
 
+    def _check_grads(self) -> None:
+        for group_index, group in enumerate(self.param_groups):
+            for index, p in enumerate(group["params"]):
+                if p.grad is not None and p.grad.is_sparse:
+                    raise TypeError(
+                        f"HPAOptimizer does not support sparse gradients (parameter {index} of param group "
+                        f"{group_index}{' ' + repr(group['name']) if 'name' in group else ''}, shape {tuple(p.shape)})"
+                    )
+
     def _init_group(self, group: dict[str, Any]) -> tuple[list[Tensor], ...]:
         params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
-        for index, p in enumerate(group["params"]):
+        for p in group["params"]:
             if p.grad is None:
                 continue
-            if p.grad.is_sparse:
-                name = group.get("name", "")
-                raise TypeError(f"HPAOptimizer does not support sparse gradients (parameter {index} of group {name!r})")
             state = self.state[p]
             if "step" not in state:
                 state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
@@ -243,7 +249,8 @@ class HPAOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        gathered = [self._init_group(group) for group in self.param_groups]  # all checks before any write
+        self._check_grads()  # every check before any state changes
+        gathered = [self._init_group(group) for group in self.param_groups]
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         for group, (params, grads, exp_avgs, exp_avg_sqs, steps) in zip(self.param_groups, gathered):

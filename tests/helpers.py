@@ -1,0 +1,63 @@
+"""Small models and loops shared by the tests (one copy of each helper)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hpa_kernels import HessianCollector, HPAOptimizer
+
+
+class Block(nn.Module):
+    """A transformer-ish block: q and k read the same input (one shared Hessian), o another."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.q = nn.Linear(width, width)
+        self.k = nn.Linear(width, width)
+        self.o = nn.Linear(width, width, bias=False)
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x + self.o(torch.tanh(self.q(x)) * self.k(x)))
+
+
+class TinyModel(nn.Module):
+    """Embedding, a stack of blocks, a head: the shape of the models HPA is for."""
+
+    def __init__(self, width: int = 12, depth: int = 3, classes: int = 3, vocab: int = 50) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.blocks = nn.ModuleList([Block(width) for _ in range(depth)])
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x.mean(dim=1))
+
+
+def random_batches(count: int, seed: int, batch: int = 4, length: int = 7, vocab: int = 50, classes: int = 3):
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        (
+            torch.randint(0, vocab, (batch, length), generator=generator),
+            torch.randint(0, classes, (batch,), generator=generator),
+        )
+        for _ in range(count)
+    ]
+
+
+def calibrate(model: nn.Module, optimizer: HPAOptimizer, batches) -> dict[str, torch.Tensor]:
+    with torch.no_grad(), HessianCollector(model, optimizer.hpa_layers) as collector:
+        for tokens, _ in batches:
+            model(tokens)
+    return collector.hinv()
+
+
+def train(model: nn.Module, optimizer: torch.optim.Optimizer, batches) -> None:
+    for tokens, labels in batches:
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(tokens), labels).backward()
+        optimizer.step()

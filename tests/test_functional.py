@@ -1,0 +1,214 @@
+"""hpa_kernels.functional against hand-computed cases of HPA_SPEC.md."""
+
+import math
+
+import pytest
+import torch
+
+from hpa_kernels import functional as F
+
+
+def test_retention_schedule_endpoints_and_linearity():
+    assert F.retention_schedule(1) == [0.15]
+    ratios = F.retention_schedule(6, 0.15, 0.05)
+    assert ratios[0] == 0.15 and ratios[-1] == 0.05  # [decision: endpoints exact]
+    steps = [a - b for a, b in zip(ratios, ratios[1:])]
+    assert all(abs(s - 0.02) < 1e-12 for s in steps)
+    assert F.retention_schedule(2, 0.3, 0.1) == [0.3, 0.1]
+
+
+@pytest.mark.parametrize("args", [(0,), (3, 0.05, 0.15), (3, 0.2, -0.1)])
+def test_retention_schedule_rejects_bad_input(args):
+    with pytest.raises(ValueError):
+        F.retention_schedule(*args)
+
+
+def test_hinv_diagonal_matches_explicit_inverse():
+    torch.manual_seed(0)
+    x = torch.randn(50, 7, dtype=torch.float64)
+    h = 2.0 / 50 * x.T @ x
+    lam = 0.01 * h.diagonal().mean()
+    expected = torch.linalg.inv(h + lam * torch.eye(7, dtype=torch.float64)).diagonal()
+    got = F.hinv_diagonal(h.float(), 0.01)
+    assert got.dtype == torch.float32 and got.shape == (7,)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=0)
+
+
+def test_hinv_diagonal_rank_deficient_is_finite():
+    """Few tokens, many columns: H has rank 3 of 64; damping keeps it positive definite."""
+    torch.manual_seed(1)
+    x = torch.randn(3, 64)
+    got = F.hinv_diagonal(2.0 / 3 * x.T @ x)
+    assert torch.isfinite(got).all() and (got > 0).all()
+
+
+@pytest.mark.parametrize(
+    "h",
+    [torch.zeros(4, 4), torch.ones(3, 4), torch.full((2, 2), float("nan"))],
+    ids=["zero", "not-square", "nan"],
+)
+def test_hinv_diagonal_rejects_bad_input(h):
+    with pytest.raises(ValueError):
+        F.hinv_diagonal(h)
+
+
+def test_column_scores_hand_case():
+    w_prev = torch.zeros(2, 3)
+    w_new = torch.tensor([[1.0, 2.0, 0.0], [3.0, 0.0, 0.0]])
+    eps_bar, zeta_bar = F.column_scores(w_prev, w_new, torch.tensor([1.0, 2.0, 4.0]), torch.tensor([0.5, 1.0, 1.0]))
+    # column energies mean_i ΔW² = [5, 2, 0]
+    assert eps_bar.tolist() == [5.0, 1.0, 0.0]
+    assert zeta_bar.tolist() == [10.0, 2.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    "fraction,columns,expected", [(0.15, 10, 2), (0.25, 2, 1), (0.05, 10, 1), (0.05, 8, 0), (0.3, 5, 2), (1.0, 3, 3)]
+)
+def test_count_columns_rounds_half_up(fraction, columns, expected):
+    assert F.count_columns(fraction, columns) == expected
+
+
+def test_top_columns_breaks_ties_by_lower_index():
+    scores = torch.tensor([1.0, 3.0, 3.0, 2.0, 3.0])
+    assert F.top_columns(scores, 2).tolist() == [1, 2]
+    assert F.top_columns(scores, 4).tolist() == [1, 2, 4, 3]
+    candidates = torch.tensor([True, False, True, True, True])
+    assert F.top_columns(scores, 2, candidates).tolist() == [2, 4]
+    assert F.top_columns(scores, 9, candidates).tolist() == [2, 4, 3, 0]
+
+
+# c = 10, retain ratio 0.2: budget B = 2 columns, focus k = 4 columns.
+EPS = torch.tensor([9.0, 8.0, 7.0, 6.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+ZETA = torch.tensor([8.0, 9.0, 1.0, 6.5, 5.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+
+
+def _expected_alpha():
+    live = [(9, 8), (8, 9), (7, 1), (6, 6.5)]  # columns 4..9 have a zero score and are skipped
+    mu = sum(math.log(e / z) for e, z in live) / len(live)
+    return 0.4 + 0.4 * (1 + math.tanh(mu)) / 2
+
+
+def test_partition_hand_case():
+    safety, task, shared = F.partition_columns(EPS, ZETA, 0.4)
+    assert safety.nonzero().flatten().tolist() == [0, 1, 2, 3]
+    assert task.nonzero().flatten().tolist() == [0, 1, 3, 4]
+    assert shared.nonzero().flatten().tolist() == [0, 1, 3]
+
+
+def test_select_columns_balanced_hand_case():
+    mask, alpha = F.select_columns(EPS, ZETA, 0.2)
+    assert alpha == pytest.approx(_expected_alpha(), abs=1e-12)
+    # R = S \ O = {2} is kept; one slot left, filled from O = {0, 1, 3} by φ = ε̄ − α·ζ̄:
+    # φ0 = 9 − 8α ≈ 3.50 beats φ1 = 8 − 9α ≈ 1.82 and φ3 = 6 − 6.5α ≈ 1.53.
+    assert mask.nonzero().flatten().tolist() == [0, 2]
+
+
+def test_select_columns_caps_safety_only_columns_to_budget():
+    zeta = torch.tensor([0.0, 0.0, 0.0, 0.0, 9.0, 8.0, 7.0, 6.0, 0.0, 0.0])
+    mask, _ = F.select_columns(EPS, zeta, 0.2)
+    # O is empty, R = S = {0, 1, 2, 3} exceeds B = 2: keep the two with the largest ε̄ [decision]
+    assert mask.nonzero().flatten().tolist() == [0, 1]
+
+
+def test_select_columns_ablations():
+    safety_only, _ = F.select_columns(EPS, ZETA, 0.2, mode="safety_only")
+    assert safety_only.nonzero().flatten().tolist() == [2]
+    balance_only, _ = F.select_columns(EPS, ZETA, 0.2, mode="balance_only")
+    assert balance_only.nonzero().flatten().tolist() == [0, 1]
+
+
+def test_balance_alpha_all_zero_columns_is_midpoint():
+    zeros = torch.zeros(5)
+    assert F.balance_alpha(zeros, zeros, (0.4, 0.8)) == pytest.approx(0.6)
+
+
+def test_select_columns_rejects_bad_input():
+    with pytest.raises(ValueError):
+        F.select_columns(EPS, ZETA[:5], 0.2)
+    with pytest.raises(ValueError):
+        F.select_columns(EPS, torch.full((10,), float("nan")), 0.2)
+    with pytest.raises(ValueError):
+        F.select_columns(EPS, ZETA, 0.2, mode="nope")
+
+
+def _loop_reference(w_prev, w_new, hs, ht, ratio):
+    """The spec written as plain loops in float64, independent of hpa_kernels.ops."""
+    r, c = w_prev.shape
+    d = (w_new.double() - w_prev.double()).tolist()
+    p = w_prev.double().tolist()
+    energy = [sum(d[i][j] ** 2 for i in range(r)) / r for j in range(c)]
+    eps = torch.tensor([energy[j] / float(hs[j]) for j in range(c)]).float()
+    zeta = torch.tensor([energy[j] / float(ht[j]) for j in range(c)]).float()
+    dot = sum(d[i][j] * p[i][j] for i in range(r) for j in range(c))
+    norm = sum(p[i][j] ** 2 for i in range(r) for j in range(c))
+    mask, _ = F.select_columns(eps, zeta, ratio)
+    coef = dot / norm
+    out = [[p[i][j] if mask[j] else p[i][j] + d[i][j] - coef * p[i][j] for j in range(c)] for i in range(r)]
+    return torch.tensor(out), mask, coef
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (17, 33)])
+def test_hpa_layer_update_matches_loop_reference(shape):
+    torch.manual_seed(sum(shape))
+    w_prev = torch.randn(shape)
+    w_new = w_prev + 0.1 * torch.randn(shape)
+    hs, ht = torch.rand(shape[1]) + 0.1, torch.rand(shape[1]) + 0.1
+    update = F.hpa_layer_update(w_prev, w_new, hs, ht, 0.15)
+    expected, mask, coef = _loop_reference(w_prev, w_new, hs, ht, 0.15)
+    assert torch.equal(update.mask, mask)
+    assert update.coef == pytest.approx(coef, rel=1e-5, abs=1e-9)
+    torch.testing.assert_close(update.weight, expected.float(), rtol=1e-5, atol=1e-6)
+    assert torch.equal(update.weight[:, mask], w_prev[:, mask])  # retained columns bit-equal to W_prev
+    assert update.weight.dtype == w_new.dtype
+
+
+def test_hpa_layer_update_orthogonal_step():
+    torch.manual_seed(3)
+    w_prev = torch.randn(40, 30, dtype=torch.float64)
+    w_new = 1.3 * w_prev + 0.2 * torch.randn(40, 30, dtype=torch.float64)
+    ones = torch.ones(30, dtype=torch.float64)
+    update = F.hpa_layer_update(w_prev, w_new, ones, ones, 0.0)  # retain nothing: Ŵ = W̃
+    assert update.num_retained == 0
+    delta = update.weight - w_prev
+    assert abs(float((delta * w_prev).sum())) <= 1e-5 * float(delta.norm() * w_prev.norm())
+    assert update.coef == pytest.approx(float(((w_new - w_prev) * w_prev).sum() / w_prev.square().sum()), rel=1e-5)
+    no_orth = F.hpa_layer_update(w_prev, w_new, ones, ones, 0.0, orthogonal=False)
+    assert no_orth.coef == 0.0 and torch.equal(no_orth.weight, w_new)
+
+
+def test_hpa_layer_update_zero_prev_gives_zero_coef():
+    w_new = torch.randn(4, 6)
+    update = F.hpa_layer_update(torch.zeros(4, 6), w_new, torch.ones(6), torch.ones(6), 0.15)
+    assert update.coef == 0.0 and torch.isfinite(update.weight).all()
+
+
+def test_hpa_layer_update_is_deterministic():
+    torch.manual_seed(4)
+    w_prev, hs, ht = torch.randn(64, 96), torch.rand(96) + 0.1, torch.rand(96) + 0.1
+    w_new = w_prev + torch.randn(64, 96) * 0.01
+    a = F.hpa_layer_update(w_prev, w_new, hs, ht, 0.1)
+    b = F.hpa_layer_update(w_prev.clone(), w_new.clone(), hs.clone(), ht.clone(), 0.1)
+    assert torch.equal(a.mask, b.mask) and torch.equal(a.weight, b.weight) and a.coef == b.coef
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"w_new": torch.zeros(3, 4)},
+        {"w_new": torch.full((3, 5), float("inf"))},
+        {"hinv_task": torch.ones(4)},
+        {"hinv_safety": torch.zeros(5)},
+        {"w_new": torch.zeros(3, 5, dtype=torch.float64)},
+    ],
+    ids=["shape", "inf-weight", "hinv-length", "hinv-zero", "dtype"],
+)
+def test_hpa_layer_update_rejects_bad_input(kwargs):
+    args = {
+        "w_prev": torch.zeros(3, 5),
+        "w_new": torch.ones(3, 5),
+        "hinv_safety": torch.ones(5),
+        "hinv_task": torch.ones(5),
+    }
+    args.update(kwargs)
+    with pytest.raises(ValueError):
+        F.hpa_layer_update(**args, retain_ratio=0.15)
