@@ -4,50 +4,97 @@ Backends:
 
 * ``"torch"``  — :mod:`hpa_kernels.ops.reference`, plain PyTorch, always available; the ground
   truth of every test.
+* ``"cpu"``    — csrc/cpu C++ (OpenMP) through :mod:`hpa_kernels._C`; CPU tensors.
+* ``"cuda"``   — csrc/cuda through :mod:`hpa_kernels._C_cuda` (raw pointers, current stream); CUDA tensors.
+* ``"triton"`` — :mod:`hpa_kernels.ops.triton_kernels`; CUDA tensors, or CPU tensors when
+  ``TRITON_INTERPRET=1`` was set before triton was imported (tests).
 
-``backend="auto"`` picks the fastest available backend for the tensors' device; the environment
-variable ``HPA_KERNELS_BACKEND`` overrides ``"auto"``.
+``backend="auto"`` picks, for the tensors' device: CPU → ``"cpu"`` when :mod:`hpa_kernels._C`
+loaded, else ``"torch"``; CUDA → ``"triton"`` when importable, else ``"cuda"``, else ``"torch"``.
+The environment variable ``HPA_KERNELS_BACKEND`` replaces ``"auto"`` by a backend name.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
-from types import ModuleType
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from . import reference
+from . import native, reference
 
-BACKENDS = ("torch",)
+BACKENDS = ("torch", "cpu", "cuda", "triton")
+_DEVICE_TYPES = {"torch": None, "cpu": "cpu", "cuda": "cuda", "triton": "cuda"}
 
-_MODULES: dict[str, ModuleType] = {"torch": reference}
+
+def _triton_runs_on_cpu() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 def available_backends() -> list[str]:
-    """Names of the backends this machine can run, ``"torch"`` first."""
-    return [name for name in BACKENDS if name in _MODULES]
+    """Names of the backends this machine can run, ``"torch"`` first.
+
+    ``"cpu"`` needs :mod:`hpa_kernels._C`; ``"cuda"`` needs :mod:`hpa_kernels._C_cuda` and a GPU;
+    ``"triton"`` needs triton and a GPU, or ``TRITON_INTERPRET=1`` (CPU tensors, slow: tests only).
+    """
+    names = ["torch"]
+    if native.cpu_loaded():
+        names.append("cpu")
+    if native.cuda_loaded():
+        names.append("cuda")
+    if _triton_importable() and (torch.cuda.is_available() or _triton_runs_on_cpu()):
+        names.append("triton")
+    return names
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
+def _runs_on(backend: str, device: torch.device) -> bool:
+    wanted = _DEVICE_TYPES[backend]
+    if backend == "triton" and _triton_runs_on_cpu():
+        return device.type in ("cpu", "cuda")
+    return wanted is None or wanted == device.type
+
+
+def resolve_backend(backend: str, device: torch.device | None = None) -> str:
     """The concrete backend name for ``backend`` (``"auto"`` allowed) on ``device``.
 
+    With ``device=None`` only the name and its availability are checked (``"auto"`` → ``"auto"``
+    is not returned: it resolves as for a CPU device).
+
     Raises:
-        ValueError: unknown backend name, or one not available on this machine.
+        ValueError: unknown backend name, one not available on this machine, or one that cannot run
+            on ``device`` (e.g. ``"cuda"`` for CPU tensors).
     """
     if backend == "auto":
         backend = os.environ.get("HPA_KERNELS_BACKEND", "auto") or "auto"
     if backend == "auto":
-        return "torch"
+        device_type = "cpu" if device is None else device.type
+        if device_type == "cuda":
+            available = available_backends()
+            return next((name for name in ("triton", "cuda") if name in available), "torch")
+        return "cpu" if device_type == "cpu" and native.cpu_loaded() else "torch"
     if backend not in BACKENDS:
         raise ValueError(f"unknown HPA kernels backend {backend!r}; expected 'auto' or one of {BACKENDS}")
-    if backend not in _MODULES:
+    if backend not in available_backends():
         raise ValueError(f"HPA kernels backend {backend!r} is not available here; available: {available_backends()}")
+    if device is not None and not _runs_on(backend, device):
+        raise ValueError(f"HPA kernels backend {backend!r} cannot run on {device} tensors")
     return backend
 
 
-def _module(backend: str, device: torch.device) -> ModuleType:
-    return _MODULES[resolve_backend(backend, device)]
+def _module(backend: str, device: torch.device) -> Any:
+    name = resolve_backend(backend, device)
+    if name == "torch":
+        return reference
+    if name == "triton":
+        return importlib.import_module(".triton_kernels", __name__)
+    return native.cpu if name == "cpu" else native.cuda
 
 
 def adamw_step(
@@ -154,3 +201,95 @@ def hpa_apply(
         Ŵ, of ``w_new``'s dtype (``out`` when given).
     """
     return _module(backend, w_new.device).hpa_apply(w_prev, w_new, mask, coef, out)
+
+
+def online_step(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    state_step: Tensor,
+    w_prev: Tensor,
+    mask: Tensor,
+    col_energy: Tensor,
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool = False,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    orthogonal: bool = True,
+    backend: str = "auto",
+) -> Tensor:
+    """One training step of a managed layer in HPA's online mode (DESIGN.md § Kernels), in place.
+
+    With W the parameter before the step, W_prev the task's snapshot, M the column mask
+    (True = retained, HPA_SPEC.md Step 2) and W_a the AdamW result of :func:`adamw_step` on W:
+
+    1. **Pass 1** (reads W, g, m, v, W_prev; writes W, m, v): the AdamW update of ``m``, ``v``,
+       ``state_step``; ``col_energy[j] += Σᵢ (W_a − W)ᵢⱼ²`` — the energy of the *unconstrained*
+       update, retained columns included, summed over steps, for the next mask refresh (Step 1's
+       ε̄ⱼ = col_energy[j] / (r·hinv_s[j]) with col_energy in place of Σᵢ ΔWᵢⱼ²); and
+       W ← W_prev on retained columns, W ← round(W_a) on the others.
+    2. **Pass 2** (reads W, W_prev; writes W; only when ``orthogonal`` and c' ≠ 0): the Step 3
+       projection restricted to the non-retained columns,
+       ``W[:, ~M] −= c'·W_prev[:, ~M]``, with ΔW = W − W_prev after pass 1 and
+       ``c' = ⟨ΔW, W_prev⟩_F / ‖W_prev ⊙ (1 − M)‖_F²`` (0 when that norm is 0).
+
+    Two passes, not one: c' is a sum over the whole matrix of values pass 1 produces, so no
+    element can be written in its final form before all of them are read. Pass 2 touches only W
+    and W_prev (3 of the 8 streams of pass 1). With ``orthogonal=False`` it is one pass.
+
+    Invariants after every step (tested):
+
+    * retained columns are bit-equal to ``w_prev`` (its raw bits are copied);
+    * |⟨ΔW, W_prev⟩_F| ≤ u·‖W‖_F·‖W_prev‖_F + (fp32 accumulation error), u the unit roundoff of
+      the parameter's dtype: the projection is exact up to the final rounding of W. In fp32 this
+      gives |⟨ΔW, W_prev⟩| ≤ 1e-5·‖ΔW‖·‖W_prev‖ once ‖ΔW‖ is not at the rounding floor of W
+      (checked in the tests); in bf16 / fp16 only the rounding bound holds.
+    * each step re-projects the whole ΔW, so rounding residue does not accumulate over steps.
+
+    Moments keep following the gradient on retained columns (so a column released at the next
+    mask refresh continues from its true moments). A non-zero ``found_inf`` leaves every tensor
+    argument bitwise unchanged (``torch.amp.GradScaler`` skip).
+
+    Args:
+        param: (r, c) weight (out_features, in_features), fp32 / bf16 / fp16; updated in place.
+        grad: (r, c), param's dtype, any strides.
+        exp_avg, exp_avg_sq: (r, c) fp32 moments.
+        state_step: fp32 one-element step count, incremented.
+        w_prev: (r, c) snapshot of the task's start, param's dtype.
+        mask: (c,) bool, True for retained columns.
+        col_energy: (c,) fp32 accumulator, updated in place.
+        lr, beta1, beta2, eps, weight_decay, maximize, grad_scale, found_inf: as :func:`adamw_step`.
+        orthogonal: apply pass 2 (``HPAConfig.orthogonal``).
+        backend: ``"auto"`` or one of :func:`available_backends`.
+
+    Returns:
+        c', a float32 0-d tensor on param's device (0 when skipped); no host sync on CUDA.
+
+    Raises:
+        ValueError / TypeError: shapes, devices or dtypes that do not match the above.
+    """
+    return _module(backend, param.device).online_step(
+        param,
+        grad,
+        exp_avg,
+        exp_avg_sq,
+        state_step,
+        w_prev,
+        mask,
+        col_energy,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        maximize=maximize,
+        grad_scale=grad_scale,
+        found_inf=found_inf,
+        orthogonal=orthogonal,
+    )

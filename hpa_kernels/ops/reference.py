@@ -1,13 +1,26 @@
 """Plain PyTorch backend (``"torch"``): the ground truth every other backend is tested against.
 
 Written as the simple loop of DESIGN.md § Kernels: clear, not fast. Math is fp32 whatever the
-storage dtype (AdamW) and fp64 for the HPA reductions, rounded once at the end.
+storage dtype (AdamW) and fp64 for the HPA reductions, rounded once at the end. Given float64
+tensors, every op computes in float64: the tests' ground truth is this module on float64 copies.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+
+def _math_dtype(t: Tensor) -> torch.dtype:
+    """fp32 for fp32 / bf16 / fp16 storage, fp64 for fp64 (the tests' ground truth)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _check_pair(w_prev: Tensor, w_new: Tensor, op: str) -> None:
+    if w_prev.dim() != 2 or w_prev.shape != w_new.shape:
+        raise ValueError(
+            f"{op}: w_prev and w_new must be 2-D of one shape, got {tuple(w_prev.shape)}, {tuple(w_new.shape)}"
+        )
 
 
 def adamw_step(
@@ -37,12 +50,13 @@ def adamw_step(
         if param.numel() == 0:
             step_t += 1
             continue
-        g = grad.float()
+        math_dtype = _math_dtype(param)
+        g = grad.to(math_dtype)
         if grad_scale is not None:
-            g = g / grad_scale.float()
+            g = g / grad_scale.to(math_dtype)
         if maximize:
             g = -g
-        p = param.float()
+        p = param.to(math_dtype)
         step_t += 1
         step = float(step_t.item())
         p.mul_(1.0 - lr_value * weight_decay)
@@ -63,6 +77,7 @@ def hpa_reduce(
 
     See ``hpa_kernels.ops.hpa_reduce`` for the contract.
     """
+    _check_pair(w_prev, w_new, "hpa_reduce")
     prev = w_prev.double()
     delta = w_new.double() - prev
     rows = prev.shape[0]
@@ -79,10 +94,77 @@ def hpa_apply(w_prev: Tensor, w_new: Tensor, mask: Tensor, coef: float | Tensor,
 
     See ``hpa_kernels.ops.hpa_apply`` for the contract.
     """
+    _check_pair(w_prev, w_new, "hpa_apply")
     coef_value = float(coef)
-    adjusted = (w_new.float() - coef_value * w_prev.float()).to(w_new.dtype)
+    # fp32 math for fp32/bf16/fp16 storage; float64 storage keeps float64 (the tests' ground truth).
+    compute = torch.float64 if w_new.dtype == torch.float64 else torch.float32
+    adjusted = (w_new.to(compute) - coef_value * w_prev.to(compute)).to(w_new.dtype)
     result = torch.where(mask.view(1, -1), w_prev.to(w_new.dtype), adjusted)
     if out is None:
         return result
     out.copy_(result)
     return out
+
+
+def online_step(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    state_step: Tensor,
+    w_prev: Tensor,
+    mask: Tensor,
+    col_energy: Tensor,
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool = False,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    orthogonal: bool = True,
+) -> Tensor:
+    """The online HPA step, written as its two passes (see ``hpa_kernels.ops.online_step``).
+
+    Pass 1 stores the AdamW result rounded to the parameter's dtype (W_prev on retained columns);
+    pass 2 subtracts c'·W_prev from the non-retained columns of that stored result.
+    """
+    if found_inf is not None and bool(found_inf.item()):
+        return torch.zeros((), dtype=torch.float32, device=param.device)
+    math_dtype = _math_dtype(param)
+    before = param.to(math_dtype, copy=True)
+    after = before.clone()
+    adamw_step(
+        [after],
+        [grad],
+        [exp_avg],
+        [exp_avg_sq],
+        [state_step],
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        maximize=maximize,
+        grad_scale=grad_scale,
+    )
+    if param.numel() == 0:
+        return torch.zeros((), dtype=torch.float32, device=param.device)
+    col_energy += (after - before).square().sum(dim=0).to(col_energy.dtype)
+    keep = mask.view(1, -1)
+    prev = w_prev.to(param.dtype)
+    stored = torch.where(keep, prev, after.to(param.dtype))
+    coef = 0.0
+    if orthogonal:
+        w = prev.double()
+        free = (~keep).double()
+        norm_sq = (w.square() * free).sum().item()
+        dot = ((stored.double() - w) * w * free).sum().item()
+        coef = dot / norm_sq if norm_sq > 0.0 else 0.0
+    if coef != 0.0:
+        projected = (stored.to(math_dtype) - coef * prev.to(math_dtype)).to(param.dtype)
+        stored = torch.where(keep, stored, projected)
+    param.copy_(stored)
+    return torch.tensor(coef, dtype=torch.float32, device=param.device)

@@ -1,0 +1,374 @@
+// HPA kernels on CUDA: consolidation reduce and write (HPA_SPEC.md Steps 1 and 3) and the online
+// step. Column reductions use 32 x 8 thread blocks over (column tile, row chunk): each block writes
+// its column partials and its dot / norm partials to a workspace, and a second launch sums them in
+// double in a fixed order, so results are bitwise reproducible (no atomics).
+#include <cuda_runtime.h>
+
+#include <algorithm>
+
+#include "hpa/cuda.h"
+
+namespace hpa {
+namespace cuda {
+namespace {
+
+constexpr int kTileX = 32;      // columns per block
+constexpr int kTileY = 8;       // row lanes per block
+constexpr int kTargetBlocks = 2048;
+constexpr int kMaxChunks = 1024;
+constexpr int kThreads = 256;
+constexpr int kMaxBlocks1d = 4096;
+
+struct Grid2 {
+  int64_t tiles;   // column tiles (grid.x)
+  int64_t chunks;  // row chunks (grid.y)
+};
+
+Grid2 reduce_grid(int64_t r, int64_t c) {
+  Grid2 g;
+  g.tiles = (c + kTileX - 1) / kTileX;
+  const int64_t want = std::max<int64_t>(1, kTargetBlocks / std::max<int64_t>(1, g.tiles));
+  g.chunks = std::max<int64_t>(1, std::min<int64_t>({want, (r + kTileY - 1) / kTileY, int64_t{kMaxChunks}}));
+  return g;
+}
+
+struct Workspace {
+  float* col;   // chunks * c column partials
+  float* dot;   // tiles * chunks
+  float* norm;  // tiles * chunks
+};
+
+Workspace carve(uintptr_t base, int64_t c, const Grid2& g) {
+  Workspace w;
+  w.col = reinterpret_cast<float*>(base);
+  w.dot = w.col + g.chunks * c;
+  w.norm = w.dot + g.tiles * g.chunks;
+  return w;
+}
+
+// Fixed-order tree sum of the block's 256 values; the result is valid in thread 0.
+__device__ float block_sum(float x, float* shared) {
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+  shared[tid] = x;
+  __syncthreads();
+  for (int s = kThreads / 2; s > 0; s >>= 1) {
+    if (tid < s) shared[tid] += shared[tid + s];
+    __syncthreads();
+  }
+  return shared[0];
+}
+
+// Column partial of this block (sum over its kTileY row lanes, fixed order) into ws.col.
+__device__ void store_column_partial(float e, float (*col)[kTileX + 1], float* out, int64_t c, int64_t j) {
+  col[threadIdx.y][threadIdx.x] = e;
+  __syncthreads();
+  if (threadIdx.y == 0 && j < c) {
+    float s = 0.0f;
+    for (int y = 0; y < kTileY; ++y) s += col[y][threadIdx.x];
+    out[static_cast<int64_t>(blockIdx.y) * c + j] = s;
+  }
+  __syncthreads();
+}
+
+template <int D>
+__global__ void reduce_kernel(int64_t r, int64_t c, Mat prev, Mat next, Workspace ws) {
+  using S = Storage<D>;
+  using Raw = typename S::Raw;
+  __shared__ float col[kTileY][kTileX + 1];
+  __shared__ float red[kThreads];
+  const Raw* P = reinterpret_cast<const Raw*>(prev.ptr);
+  const Raw* N = reinterpret_cast<const Raw*>(next.ptr);
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kTileX + threadIdx.x;
+  int64_t r0, r1;
+  split_range(r, gridDim.y, blockIdx.y, &r0, &r1);
+  float e = 0.0f, dot = 0.0f, norm = 0.0f;
+  if (j < c) {
+    for (int64_t i = r0 + threadIdx.y; i < r1; i += kTileY) {
+      const float w = S::load(P[offset2d(i, j, prev.stride0, prev.stride1)]);
+      const float d = S::load(N[offset2d(i, j, next.stride0, next.stride1)]) - w;
+      e += d * d;
+      dot += d * w;
+      norm += w * w;
+    }
+  }
+  store_column_partial(e, col, ws.col, c, j);
+  const int64_t b = static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x;
+  const float bd = block_sum(dot, red);
+  if (threadIdx.x == 0 && threadIdx.y == 0) ws.dot[b] = bd;
+  __syncthreads();
+  const float bn = block_sum(norm, red);
+  if (threadIdx.x == 0 && threadIdx.y == 0) ws.norm[b] = bn;
+}
+
+// Column sums over the row chunks (double, fixed order) -> eps_bar / zeta_bar, or += col_energy.
+__global__ void finish_columns_kernel(int64_t r, int64_t c, int64_t chunks, const float* col, const float* hinv_s,
+                                      const float* hinv_t, float* eps_bar, float* zeta_bar, float* col_energy,
+                                      const float* found_inf) {
+  if (found_inf != nullptr && *found_inf != 0.0f) return;
+  for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < c;
+       j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    double e = 0.0;
+    for (int64_t q = 0; q < chunks; ++q) e += col[q * c + j];
+    if (col_energy != nullptr) {
+      col_energy[j] = static_cast<float>(static_cast<double>(col_energy[j]) + e);
+    } else {
+      e /= static_cast<double>(r);
+      eps_bar[j] = static_cast<float>(e / hinv_s[j]);
+      zeta_bar[j] = static_cast<float>(e / hinv_t[j]);
+    }
+  }
+}
+
+// One block: dot and norm over all block partials (double, fixed order). With coef_out: the online
+// step's coefficient c' = dot / norm (0 when norm is 0 or !orthogonal) and the step-count increment.
+__global__ void finish_scalars_kernel(int64_t blocks, const float* dots, const float* norms, float* dot_out,
+                                      float* norm_out, float* coef_out, float* step, bool orthogonal,
+                                      const float* found_inf) {
+  __shared__ double sd[kThreads];
+  __shared__ double sn[kThreads];
+  const bool skip = found_inf != nullptr && *found_inf != 0.0f;
+  double d = 0.0, n = 0.0;
+  for (int64_t q = threadIdx.x; q < blocks; q += kThreads) {
+    d += dots[q];
+    n += norms[q];
+  }
+  sd[threadIdx.x] = d;
+  sn[threadIdx.x] = n;
+  __syncthreads();
+  for (int s = kThreads / 2; s > 0; s >>= 1) {
+    if (threadIdx.x < s) {
+      sd[threadIdx.x] += sd[threadIdx.x + s];
+      sn[threadIdx.x] += sn[threadIdx.x + s];
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x != 0) return;
+  if (dot_out != nullptr) {
+    *dot_out = static_cast<float>(sd[0]);
+    *norm_out = static_cast<float>(sn[0]);
+  }
+  if (coef_out != nullptr) {
+    *coef_out = (skip || !orthogonal || sn[0] <= 0.0) ? 0.0f : static_cast<float>(sd[0] / sn[0]);
+    if (!skip) *step += 1.0f;
+  }
+}
+
+template <int D>
+__global__ void apply_kernel(int64_t r, int64_t c, Mat prev, Mat next, Mat out, const uint8_t* mask, float coef,
+                             const float* coef_ptr) {
+  using S = Storage<D>;
+  using Raw = typename S::Raw;
+  const Raw* P = reinterpret_cast<const Raw*>(prev.ptr);
+  const Raw* N = reinterpret_cast<const Raw*>(next.ptr);
+  Raw* O = reinterpret_cast<Raw*>(out.ptr);
+  const float cf = coef_ptr != nullptr ? *coef_ptr : coef;
+  const int64_t n = r * c;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < n;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t i = idx / c, j = idx - i * c;
+    const Raw keep = P[offset2d(i, j, prev.stride0, prev.stride1)];
+    const Raw moved = S::store(S::load(N[offset2d(i, j, next.stride0, next.stride1)]) - cf * S::load(keep));
+    O[offset2d(i, j, out.stride0, out.stride1)] = mask[j] ? keep : moved;  // retained: W_prev's bits
+  }
+}
+
+struct OnlineArgs {
+  uintptr_t param, grad, exp_avg, exp_avg_sq, step, w_prev, mask;
+};
+
+// Pass 1 of the online step: AdamW, retained columns reset to W_prev, column energies of the
+// unconstrained update, and the non-retained <dW, W_prev>, ||W_prev||^2 partials.
+template <int D>
+__global__ void online_pass1_kernel(int64_t r, int64_t c, OnlineArgs a, AdamWHyper hyper, const float* grad_scale,
+                                    const float* found_inf, Workspace ws) {
+  if (found_inf != nullptr && *found_inf != 0.0f) return;
+  using S = Storage<D>;
+  using Raw = typename S::Raw;
+  __shared__ float col[kTileY][kTileX + 1];
+  __shared__ float red[kThreads];
+  Raw* Pm = reinterpret_cast<Raw*>(a.param);
+  const Raw* G = reinterpret_cast<const Raw*>(a.grad);
+  const Raw* W0 = reinterpret_cast<const Raw*>(a.w_prev);
+  float* M = reinterpret_cast<float*>(a.exp_avg);
+  float* V = reinterpret_cast<float*>(a.exp_avg_sq);
+  const uint8_t* mask = reinterpret_cast<const uint8_t*>(a.mask);
+  const AdamWStepConsts k = adamw_consts(hyper, static_cast<double>(*reinterpret_cast<float*>(a.step) + 1.0f));
+  const float scale = grad_scale != nullptr ? *grad_scale : 1.0f;
+  const float sign = hyper.maximize ? -1.0f : 1.0f;
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kTileX + threadIdx.x;
+  int64_t r0, r1;
+  split_range(r, gridDim.y, blockIdx.y, &r0, &r1);
+  float e = 0.0f, dot = 0.0f, norm = 0.0f;
+  if (j < c) {
+    const bool retained = mask[j] != 0;
+    for (int64_t i = r0 + threadIdx.y; i < r1; i += kTileY) {
+      const int64_t idx = offset2d(i, j, c, 1);
+      float g = S::load(G[idx]);
+      if (grad_scale != nullptr) g = g / scale;
+      g = sign * g;
+      float m = M[idx], v = V[idx];
+      const float before = S::load(Pm[idx]);
+      const float after = adamw_element(before, g, m, v, k);
+      M[idx] = m;
+      V[idx] = v;
+      const float u = after - before;
+      e += u * u;
+      const Raw keep = W0[idx];
+      if (retained) {
+        Pm[idx] = keep;
+      } else {
+        const Raw moved = S::store(after);
+        Pm[idx] = moved;
+        const float w = S::load(keep);
+        dot += (S::load(moved) - w) * w;
+        norm += w * w;
+      }
+    }
+  }
+  store_column_partial(e, col, ws.col, c, j);
+  const int64_t b = static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x;
+  const float bd = block_sum(dot, red);
+  if (threadIdx.x == 0 && threadIdx.y == 0) ws.dot[b] = bd;
+  __syncthreads();
+  const float bn = block_sum(norm, red);
+  if (threadIdx.x == 0 && threadIdx.y == 0) ws.norm[b] = bn;
+}
+
+// Pass 2 of the online step: W <- W - c' W_prev on the non-retained columns (c' read on the device).
+template <int D>
+__global__ void online_pass2_kernel(int64_t r, int64_t c, uintptr_t param, uintptr_t w_prev, const uint8_t* mask,
+                                    const float* coef) {
+  const float cf = *coef;
+  if (cf == 0.0f) return;
+  using S = Storage<D>;
+  using Raw = typename S::Raw;
+  Raw* Pm = reinterpret_cast<Raw*>(param);
+  const Raw* W0 = reinterpret_cast<const Raw*>(w_prev);
+  const int64_t n = r * c;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < n;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t j = idx % c;
+    if (!mask[j]) Pm[idx] = S::store(S::load(Pm[idx]) - cf * S::load(W0[idx]));
+  }
+}
+
+unsigned blocks_1d(int64_t n) {
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, kMaxBlocks1d)));
+}
+
+const char* last_error() {
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
+template <int D>
+void reduce_launch(int64_t r, int64_t c, Mat prev, Mat next, const Grid2& g, const Workspace& ws, cudaStream_t s) {
+  reduce_kernel<D><<<dim3(static_cast<unsigned>(g.tiles), static_cast<unsigned>(g.chunks)), dim3(kTileX, kTileY), 0,
+                     s>>>(r, c, prev, next, ws);
+}
+
+template <int D>
+void apply_launch(int64_t r, int64_t c, Mat prev, Mat next, Mat out, const uint8_t* mask, float coef,
+                  const float* coef_ptr, cudaStream_t s) {
+  apply_kernel<D><<<blocks_1d(r * c), kThreads, 0, s>>>(r, c, prev, next, out, mask, coef, coef_ptr);
+}
+
+template <int D>
+void online_launch(int64_t r, int64_t c, const OnlineArgs& a, const AdamWHyper& h, const float* scale,
+                   const float* inf, const Grid2& g, const Workspace& ws, float* col_energy, bool orthogonal,
+                   float* coef_out, cudaStream_t s) {
+  online_pass1_kernel<D><<<dim3(static_cast<unsigned>(g.tiles), static_cast<unsigned>(g.chunks)),
+                           dim3(kTileX, kTileY), 0, s>>>(r, c, a, h, scale, inf, ws);
+  finish_columns_kernel<<<blocks_1d(c), kThreads, 0, s>>>(r, c, g.chunks, ws.col, nullptr, nullptr, nullptr,
+                                                          nullptr, col_energy, inf);
+  finish_scalars_kernel<<<1, kThreads, 0, s>>>(g.tiles * g.chunks, ws.dot, ws.norm, nullptr, nullptr, coef_out,
+                                               reinterpret_cast<float*>(a.step), orthogonal, inf);
+  online_pass2_kernel<D><<<blocks_1d(r * c), kThreads, 0, s>>>(r, c, a.param, a.w_prev,
+                                                               reinterpret_cast<const uint8_t*>(a.mask), coef_out);
+}
+
+}  // namespace
+
+int64_t reduce_workspace_bytes(int64_t r, int64_t c) {
+  const Grid2 g = reduce_grid(r, c);
+  return static_cast<int64_t>(sizeof(float)) * (g.chunks * c + 2 * g.tiles * g.chunks);
+}
+
+const char* hpa_reduce(int dtype, int64_t r, int64_t c, Mat prev, Mat next, uintptr_t hinv_safety,
+                       uintptr_t hinv_task, uintptr_t eps_bar, uintptr_t zeta_bar, uintptr_t dot, uintptr_t norm_sq,
+                       uintptr_t workspace, uintptr_t stream) {
+  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  const Grid2 g = reduce_grid(r, c);
+  const Workspace ws = carve(workspace, c, g);
+  switch (dtype) {
+    case kF32:
+      reduce_launch<kF32>(r, c, prev, next, g, ws, s);
+      break;
+    case kBF16:
+      reduce_launch<kBF16>(r, c, prev, next, g, ws, s);
+      break;
+    case kF16:
+      reduce_launch<kF16>(r, c, prev, next, g, ws, s);
+      break;
+    default:
+      return "hpa_reduce: unknown storage dtype code";
+  }
+  finish_columns_kernel<<<blocks_1d(c), kThreads, 0, s>>>(
+      r, c, g.chunks, ws.col, reinterpret_cast<const float*>(hinv_safety), reinterpret_cast<const float*>(hinv_task),
+      reinterpret_cast<float*>(eps_bar), reinterpret_cast<float*>(zeta_bar), nullptr, nullptr);
+  finish_scalars_kernel<<<1, kThreads, 0, s>>>(g.tiles * g.chunks, ws.dot, ws.norm, reinterpret_cast<float*>(dot),
+                                               reinterpret_cast<float*>(norm_sq), nullptr, nullptr, false, nullptr);
+  return last_error();
+}
+
+const char* hpa_apply(int dtype, int64_t r, int64_t c, Mat prev, Mat next, Mat out, uintptr_t mask, float coef,
+                      uintptr_t coef_ptr, uintptr_t stream) {
+  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  const uint8_t* m = reinterpret_cast<const uint8_t*>(mask);
+  const float* cp = reinterpret_cast<const float*>(coef_ptr);
+  switch (dtype) {
+    case kF32:
+      apply_launch<kF32>(r, c, prev, next, out, m, coef, cp, s);
+      break;
+    case kBF16:
+      apply_launch<kBF16>(r, c, prev, next, out, m, coef, cp, s);
+      break;
+    case kF16:
+      apply_launch<kF16>(r, c, prev, next, out, m, coef, cp, s);
+      break;
+    default:
+      return "hpa_apply: unknown storage dtype code";
+  }
+  return last_error();
+}
+
+const char* online_step(int dtype, int64_t r, int64_t c, uintptr_t param, uintptr_t grad, uintptr_t exp_avg,
+                        uintptr_t exp_avg_sq, uintptr_t step, uintptr_t w_prev, uintptr_t mask, uintptr_t col_energy,
+                        const AdamWHyper& hyper, uintptr_t grad_scale, uintptr_t found_inf, bool orthogonal,
+                        uintptr_t coef_out, uintptr_t workspace, uintptr_t stream) {
+  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  const Grid2 g = reduce_grid(r, c);
+  const Workspace ws = carve(workspace, c, g);
+  const OnlineArgs a{param, grad, exp_avg, exp_avg_sq, step, w_prev, mask};
+  const float* scale = reinterpret_cast<const float*>(grad_scale);
+  const float* inf = reinterpret_cast<const float*>(found_inf);
+  float* energy = reinterpret_cast<float*>(col_energy);
+  float* coef = reinterpret_cast<float*>(coef_out);
+  switch (dtype) {
+    case kF32:
+      online_launch<kF32>(r, c, a, hyper, scale, inf, g, ws, energy, orthogonal, coef, s);
+      break;
+    case kBF16:
+      online_launch<kBF16>(r, c, a, hyper, scale, inf, g, ws, energy, orthogonal, coef, s);
+      break;
+    case kF16:
+      online_launch<kF16>(r, c, a, hyper, scale, inf, g, ws, energy, orthogonal, coef, s);
+      break;
+    default:
+      return "online_step: unknown storage dtype code";
+  }
+  return last_error();
+}
+
+}  // namespace cuda
+}  // namespace hpa

@@ -1,0 +1,46 @@
+// Host entry points of the CUDA kernels (csrc/cuda/*.cu), callable from plain C++ (the pybind11
+// module is compiled by the host compiler, so no CUDA header is needed here). Every launch goes on
+// the caller's stream, given as the integer handle torch.cuda.current_stream().cuda_stream. Each
+// function returns nullptr on success or a static error string (the launch's cudaGetErrorString).
+// Nothing here synchronises with the host: grad_scale, found_inf, step counts and coefficients are
+// read on the device.
+#pragma once
+
+#include <cstdint>
+
+#include "hpa/common.h"
+
+namespace hpa {
+namespace cuda {
+
+// Number of CUDA devices (0 when there is no driver or no GPU; never fails).
+int device_count();
+
+// Multi-tensor AdamW; same contract as hpa::cpu::adamw, pointers are device addresses and the
+// pointer arrays are host arrays. One launch per 24 tensors (kernel-argument batches).
+const char* adamw(int dtype, int64_t n, const uintptr_t* params, const uintptr_t* grads, const uintptr_t* exp_avgs,
+                  const uintptr_t* exp_avg_sqs, const uintptr_t* steps, const int64_t* numels,
+                  const AdamWHyper& hyper, uintptr_t grad_scale, uintptr_t found_inf, uintptr_t stream);
+
+// Bytes of device workspace hpa_reduce and online_step need for an (r, c) matrix (r, c > 0).
+int64_t reduce_workspace_bytes(int64_t r, int64_t c);
+
+// HPA_SPEC.md Steps 1 and 3 sums; eps_bar, zeta_bar (c,) and dot, norm_sq (0-d) fp32 on the device.
+// Deterministic: per-block partials in the workspace, summed in double in a fixed order.
+const char* hpa_reduce(int dtype, int64_t r, int64_t c, Mat prev, Mat next, uintptr_t hinv_safety,
+                       uintptr_t hinv_task, uintptr_t eps_bar, uintptr_t zeta_bar, uintptr_t dot, uintptr_t norm_sq,
+                       uintptr_t workspace, uintptr_t stream);
+
+// HPA_SPEC.md Step 3 write. coef_ptr (a device fp32 scalar) wins over coef when non-zero.
+const char* hpa_apply(int dtype, int64_t r, int64_t c, Mat prev, Mat next, Mat out, uintptr_t mask, float coef,
+                      uintptr_t coef_ptr, uintptr_t stream);
+
+// The online step on contiguous row-major (r, c) tensors; writes the projection coefficient into the
+// device fp32 scalar coef_out. Three launches: the fused pass, the fixed-order sums, the projection.
+const char* online_step(int dtype, int64_t r, int64_t c, uintptr_t param, uintptr_t grad, uintptr_t exp_avg,
+                        uintptr_t exp_avg_sq, uintptr_t step, uintptr_t w_prev, uintptr_t mask, uintptr_t col_energy,
+                        const AdamWHyper& hyper, uintptr_t grad_scale, uintptr_t found_inf, bool orthogonal,
+                        uintptr_t coef_out, uintptr_t workspace, uintptr_t stream);
+
+}  // namespace cuda
+}  // namespace hpa

@@ -1,0 +1,422 @@
+"""Triton backend (``"triton"``): the GPU fast path; CPU tensors under ``TRITON_INTERPRET=1`` (tests).
+
+Triton reads ``TRITON_INTERPRET`` when this module's kernels are decorated, so it must be set
+before this module is first imported. Kernels compute in fp32 with 64-bit offsets
+(:func:`_block_offsets`); AdamW constants (bias corrections) are computed in fp64 on the device
+from the step count, and ``grad_scale`` / ``found_inf`` / ``coef`` are read on the device, so no op
+here synchronises with the host. Column reductions write per-program partials that torch sums in a
+fixed order (deterministic; no atomics).
+
+``adamw_step`` launches one kernel per tensor (the C++/CUDA backends batch tensors per launch).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .native import _check_matrix_pair, _check_online_args, _check_vector, _dtype_code, _Staging
+
+INTERPRETED = bool(triton.knobs.runtime.interpret)
+
+_ADAMW_BLOCK = 1024
+_TILE_R = 32
+_TILE_C = 64
+
+
+def _target_programs(device: torch.device) -> int:
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter runs programs one after another
+
+
+@triton.jit
+def _block_offsets(block, BLOCK: tl.constexpr):
+    """int64 offsets of block ``block`` of size BLOCK (no int32 overflow past 2**31 elements)."""
+    return block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+
+
+@triton.jit
+def _round_to(x, dtype: tl.constexpr):
+    """fp32 ``x`` rounded to nearest even in ``dtype``; bf16 by bit arithmetic (the same on the GPU
+    and in the interpreter, whose own fp32 -> bf16 cast truncates), NaN kept quiet as torch does."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        rounded = tl.where(x != x, (bits >> 16) | 0x40, rounded)
+        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(dtype)
+
+
+@triton.jit
+def _to_f32(x):
+    """Stored values to fp32; bf16 by bit arithmetic (exact for subnormals, which the interpreter's
+    own bf16 cast flushes to zero)."""
+    if x.dtype == tl.bfloat16:
+        return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
+def _adamw_consts(step_ptr, hyper_ptr):
+    """fp32 constants of one step, computed in fp64 from the step count t = *step + 1.
+
+    hyper_ptr: fp64 [lr, log(beta1), log(beta2), beta1, beta2, eps, weight_decay].
+    """
+    t = tl.load(step_ptr).to(tl.float64) + 1.0
+    lr = tl.load(hyper_ptr)
+    beta1 = tl.load(hyper_ptr + 3)
+    beta2 = tl.load(hyper_ptr + 4)
+    step_size = (lr / (1.0 - tl.exp(t * tl.load(hyper_ptr + 1)))).to(tl.float32)
+    bc2_sqrt = tl.sqrt(1.0 - tl.exp(t * tl.load(hyper_ptr + 2))).to(tl.float32)
+    decay = (1.0 - lr * tl.load(hyper_ptr + 6)).to(tl.float32)
+    lerp_w = (1.0 - beta1).to(tl.float32)
+    b2 = beta2.to(tl.float32)
+    one_minus_b2 = (1.0 - beta2).to(tl.float32)
+    eps = tl.load(hyper_ptr + 5).to(tl.float32)
+    return step_size, bc2_sqrt, decay, lerp_w, b2, one_minus_b2, eps
+
+
+@triton.jit
+def _adamw_math(p, g, m, v, step_size, bc2_sqrt, decay, lerp_w, b2, one_minus_b2, eps):
+    """torch.optim.AdamW's element update in fp32 (ATen's two-branch lerp); returns (p, m, v)."""
+    m = tl.where(lerp_w < 0.5, m + lerp_w * (g - m), g - (g - m) * (1.0 - lerp_w))
+    v = v * b2 + one_minus_b2 * g * g
+    denom = tl.sqrt(v) / bc2_sqrt + eps
+    return p * decay - step_size * (m / denom), m, v
+
+
+@triton.jit
+def _load_grad(g_ptr, offs, mask, scale_ptr, HAS_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr):
+    g = _to_f32(tl.load(g_ptr + offs, mask=mask, other=0.0))
+    if HAS_SCALE:
+        g = g / tl.load(scale_ptr)
+    if MAXIMIZE:
+        g = -g
+    return g
+
+
+@triton.jit
+def _adamw_kernel(
+    p_ptr, g_ptr, m_ptr, v_ptr, step_ptr, hyper_ptr, scale_ptr, inf_ptr, n,
+    HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr, MAXIMIZE: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    if HAS_INF:
+        n = tl.where(tl.load(inf_ptr) == 0.0, n, 0)  # GradScaler skip: nothing is read or written
+    offs = _block_offsets(tl.program_id(0), BLOCK)
+    mask = offs < n
+    step_size, bc2_sqrt, decay, lerp_w, b2, one_minus_b2, eps = _adamw_consts(step_ptr, hyper_ptr)
+    g = _load_grad(g_ptr, offs, mask, scale_ptr, HAS_SCALE, MAXIMIZE)
+    p = _to_f32(tl.load(p_ptr + offs, mask=mask, other=0.0))
+    m = tl.load(m_ptr + offs, mask=mask, other=0.0)
+    v = tl.load(v_ptr + offs, mask=mask, other=0.0)
+    p, m, v = _adamw_math(p, g, m, v, step_size, bc2_sqrt, decay, lerp_w, b2, one_minus_b2, eps)
+    tl.store(m_ptr + offs, m, mask=mask)
+    tl.store(v_ptr + offs, v, mask=mask)
+    tl.store(p_ptr + offs, _round_to(p, p_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _hpa_reduce_kernel(
+    prev_ptr, new_ptr, col_ptr, dot_ptr, norm_ptr, r, c, ps0, ps1, ns0, ns1, rows_per_chunk,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    pid_c = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    cols = _block_offsets(pid_c, BLOCK_C)
+    cmask = cols < c
+    r0 = pid_r.to(tl.int64) * rows_per_chunk
+    r1 = tl.minimum(r0 + rows_per_chunk, r)
+    energy = tl.zeros([BLOCK_C], dtype=tl.float32)
+    dot = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    norm = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    for start in range(r0, r1, BLOCK_R):
+        rows = start + tl.arange(0, BLOCK_R)
+        mask = (rows < r1)[:, None] & cmask[None, :]
+        w = _to_f32(tl.load(prev_ptr + rows[:, None] * ps0 + cols[None, :] * ps1, mask=mask, other=0.0))
+        d = _to_f32(tl.load(new_ptr + rows[:, None] * ns0 + cols[None, :] * ns1, mask=mask, other=0.0)) - w
+        energy += tl.sum(d * d, axis=0)
+        dot += d * w
+        norm += w * w
+    tl.store(col_ptr + pid_r.to(tl.int64) * c + cols, energy, mask=cmask)
+    pid = pid_r * tl.num_programs(0) + pid_c
+    tl.store(dot_ptr + pid, tl.sum(tl.sum(dot, axis=1), axis=0))
+    tl.store(norm_ptr + pid, tl.sum(tl.sum(norm, axis=1), axis=0))
+
+
+@triton.jit
+def _hpa_apply_kernel(
+    prev_ptr, new_ptr, out_ptr, mask_ptr, coef_ptr, r, c, ps0, ps1, ns0, ns1, os0, os1,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    rows = _block_offsets(tl.program_id(0), BLOCK_R)
+    cols = _block_offsets(tl.program_id(1), BLOCK_C)
+    inside = (rows < r)[:, None] & (cols < c)[None, :]
+    keep = tl.load(mask_ptr + cols, mask=cols < c, other=0) != 0
+    coef = tl.load(coef_ptr)
+    w = tl.load(prev_ptr + rows[:, None] * ps0 + cols[None, :] * ps1, mask=inside, other=0.0)
+    x = tl.load(new_ptr + rows[:, None] * ns0 + cols[None, :] * ns1, mask=inside, other=0.0)
+    moved = _round_to(_to_f32(x) - coef * _to_f32(w), out_ptr.dtype.element_ty)
+    result = tl.where(keep[None, :], w, moved)  # retained columns: W_prev's own bits
+    tl.store(out_ptr + rows[:, None] * os0 + cols[None, :] * os1, result, mask=inside)
+
+
+@triton.jit
+def _online_pass1_kernel(
+    p_ptr, g_ptr, m_ptr, v_ptr, w_ptr, mask_ptr, step_ptr, hyper_ptr, scale_ptr, inf_ptr,
+    col_ptr, dot_ptr, norm_ptr, r, c, rows_per_chunk,
+    HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr, MAXIMIZE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    pid_c = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    cols = _block_offsets(pid_c, BLOCK_C)
+    c_live = c
+    if HAS_INF:
+        c_live = tl.where(tl.load(inf_ptr) == 0.0, c, 0)  # GradScaler skip: nothing is written
+    cmask = cols < c_live
+    keep = (tl.load(mask_ptr + cols, mask=cols < c, other=0) != 0)[None, :]
+    step_size, bc2_sqrt, decay, lerp_w, b2, one_minus_b2, eps = _adamw_consts(step_ptr, hyper_ptr)
+    r0 = pid_r.to(tl.int64) * rows_per_chunk
+    r1 = tl.minimum(r0 + rows_per_chunk, r)
+    energy = tl.zeros([BLOCK_C], dtype=tl.float32)
+    dot = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    norm = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    for start in range(r0, r1, BLOCK_R):
+        rows = start + tl.arange(0, BLOCK_R)
+        mask = (rows < r1)[:, None] & cmask[None, :]
+        offs = rows[:, None] * c + cols[None, :]
+        g = _load_grad(g_ptr, offs, mask, scale_ptr, HAS_SCALE, MAXIMIZE)
+        before = _to_f32(tl.load(p_ptr + offs, mask=mask, other=0.0))
+        m = tl.load(m_ptr + offs, mask=mask, other=0.0)
+        v = tl.load(v_ptr + offs, mask=mask, other=0.0)
+        after, m, v = _adamw_math(before, g, m, v, step_size, bc2_sqrt, decay, lerp_w, b2, one_minus_b2, eps)
+        tl.store(m_ptr + offs, m, mask=mask)
+        tl.store(v_ptr + offs, v, mask=mask)
+        u = tl.where(mask, after - before, 0.0)
+        energy += tl.sum(u * u, axis=0)
+        w_raw = tl.load(w_ptr + offs, mask=mask, other=0.0)
+        moved = _round_to(after, p_ptr.dtype.element_ty)
+        tl.store(p_ptr + offs, tl.where(keep, w_raw, moved), mask=mask)
+        w = _to_f32(w_raw)
+        free = mask & (keep == 0)
+        dot += tl.where(free, (_to_f32(moved) - w) * w, 0.0)
+        norm += tl.where(free, w * w, 0.0)
+    tl.store(col_ptr + pid_r.to(tl.int64) * c + cols, energy, mask=cols < c)
+    pid = pid_r * tl.num_programs(0) + pid_c
+    tl.store(dot_ptr + pid, tl.sum(tl.sum(dot, axis=1), axis=0))
+    tl.store(norm_ptr + pid, tl.sum(tl.sum(norm, axis=1), axis=0))
+
+
+@triton.jit
+def _online_pass2_kernel(
+    p_ptr, w_ptr, mask_ptr, coef_ptr, r, c, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr
+):  # fmt: skip
+    rows = _block_offsets(tl.program_id(0), BLOCK_R)
+    cols = _block_offsets(tl.program_id(1), BLOCK_C)
+    free = tl.load(mask_ptr + cols, mask=cols < c, other=1) == 0
+    inside = (rows < r)[:, None] & ((cols < c) & free)[None, :]
+    coef = tl.load(coef_ptr)
+    if coef != 0.0:  # c' = 0: nothing to write (as the other backends)
+        offs = rows[:, None] * c + cols[None, :]
+        p = tl.load(p_ptr + offs, mask=inside, other=0.0)
+        w = _to_f32(tl.load(w_ptr + offs, mask=inside, other=0.0))
+        tl.store(p_ptr + offs, _round_to(_to_f32(p) - coef * w, p_ptr.dtype.element_ty), mask=inside)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host launchers (the ops of hpa_kernels.ops for this backend)
+
+
+def _hyper(lr, beta1, beta2, eps, weight_decay, device: torch.device) -> Tensor:
+    values = [float(lr), math.log(beta1) if beta1 > 0 else -math.inf, math.log(beta2) if beta2 > 0 else -math.inf]
+    values += [float(beta1), float(beta2), float(eps), float(weight_decay)]
+    return torch.tensor(values, dtype=torch.float64, device=device)
+
+
+def _row_chunks(r: int, c: int, device: torch.device) -> tuple[int, int]:
+    """(rows per chunk, number of chunks) for a column reduction over (r, c) in _TILE_R x _TILE_C tiles."""
+    tiles = triton.cdiv(c, _TILE_C)
+    chunks = max(1, min(triton.cdiv(r, _TILE_R), _target_programs(device) // tiles))
+    rows_per_chunk = triton.cdiv(triton.cdiv(r, chunks), _TILE_R) * _TILE_R
+    return rows_per_chunk, triton.cdiv(r, rows_per_chunk)
+
+
+def _skip_flag(found_inf: Tensor | None, device: torch.device) -> Tensor | None:
+    return None if found_inf is None else found_inf.detach().reshape(()).to(device) != 0
+
+
+def adamw_step(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool = False,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> None:
+    """See ``hpa_kernels.ops.adamw_step``."""
+    if not (len(grads) == len(exp_avgs) == len(exp_avg_sqs) == len(state_steps) == len(params)):
+        raise ValueError("adamw_step: params, grads, exp_avgs, exp_avg_sqs and state_steps differ in length")
+    if not params:
+        return
+    device = params[0].device
+    staging = _Staging()
+    hyper = _hyper(lr, beta1, beta2, eps, weight_decay, device)
+    scale_ptr = staging.scalar_tensor(grad_scale, device)
+    inf_ptr = staging.scalar_tensor(found_inf, device)
+    skip = _skip_flag(found_inf, device)
+    for k, (p, g, m, v, s) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, state_steps)):
+        _dtype_code(p, f"adamw_step: params[{k}]")
+        if g.shape != p.shape or m.shape != p.shape or v.shape != p.shape or s.numel() != 1:
+            raise ValueError(f"adamw_step: shapes differ at index {k}")
+        if m.dtype != torch.float32 or v.dtype != torch.float32:
+            raise TypeError(f"adamw_step: exp_avgs[{k}] / exp_avg_sqs[{k}] must be float32")
+        p_ = staging.dense(p)
+        g_ = staging.like(g, p_, dtype=p.dtype)
+        m_ = staging.like(m, p_, write_back=True)
+        v_ = staging.like(v, p_, write_back=True)
+        s_ = staging.dense(s.reshape(()), dtype=torch.float32, device=device)
+        n = p_.numel()
+        if n > 0:
+            grid = (triton.cdiv(n, _ADAMW_BLOCK),)
+            _adamw_kernel[grid](
+                p_, g_, m_, v_, s_, hyper, scale_ptr, inf_ptr, n,
+                HAS_SCALE=grad_scale is not None, HAS_INF=found_inf is not None, MAXIMIZE=bool(maximize),
+                BLOCK=_ADAMW_BLOCK,
+            )  # fmt: skip
+        s_.add_(1.0 if skip is None else (~skip).to(torch.float32))
+    staging.finish()
+
+
+def hpa_reduce(
+    w_prev: Tensor, w_new: Tensor, hinv_safety: Tensor, hinv_task: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """See ``hpa_kernels.ops.hpa_reduce``."""
+    _check_matrix_pair(w_prev, w_new, "hpa_reduce")
+    r, c = w_new.shape
+    _check_vector(hinv_safety, c, "hinv_safety", "hpa_reduce")
+    _check_vector(hinv_task, c, "hinv_task", "hpa_reduce")
+    _dtype_code(w_new, "hpa_reduce")
+    device = w_new.device
+    f32 = {"dtype": torch.float32, "device": device}
+    if r == 0 or c == 0:
+        return torch.zeros(c, **f32), torch.zeros(c, **f32), torch.zeros((), **f32), torch.zeros((), **f32)
+    if w_prev.dtype != w_new.dtype:
+        w_prev = w_prev.to(w_new.dtype)
+    rows_per_chunk, chunks = _row_chunks(r, c, device)
+    tiles = triton.cdiv(c, _TILE_C)
+    cols = torch.empty(chunks, c, **f32)
+    dots, norms = torch.empty(chunks * tiles, **f32), torch.empty(chunks * tiles, **f32)
+    _hpa_reduce_kernel[(tiles, chunks)](
+        w_prev, w_new, cols, dots, norms, r, c, *w_prev.stride(), *w_new.stride(), rows_per_chunk,
+        BLOCK_R=_TILE_R, BLOCK_C=_TILE_C,
+    )  # fmt: skip
+    energy = cols.double().sum(dim=0) / r
+    eps_bar = (energy / hinv_safety.to(device=device, dtype=torch.float64)).float()
+    zeta_bar = (energy / hinv_task.to(device=device, dtype=torch.float64)).float()
+    return eps_bar, zeta_bar, dots.double().sum().float(), norms.double().sum().float()
+
+
+def hpa_apply(w_prev: Tensor, w_new: Tensor, mask: Tensor, coef: float | Tensor, out: Tensor | None = None) -> Tensor:
+    """See ``hpa_kernels.ops.hpa_apply``."""
+    _check_matrix_pair(w_prev, w_new, "hpa_apply")
+    r, c = w_new.shape
+    _check_vector(mask, c, "mask", "hpa_apply")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"hpa_apply: mask must be bool, got {mask.dtype}")
+    _dtype_code(w_new, "hpa_apply")
+    device = w_new.device
+    if w_prev.dtype != w_new.dtype:
+        w_prev = w_prev.to(w_new.dtype)
+    if out is None:
+        out = torch.empty(r, c, dtype=w_new.dtype, device=device)
+    elif out.shape != w_new.shape or out.dtype != w_new.dtype or out.device != device:
+        raise ValueError("hpa_apply: out must match w_new in shape, dtype and device")
+    if r == 0 or c == 0:
+        return out
+    coef_t = torch.as_tensor(coef, dtype=torch.float32).to(device).reshape(())
+    mask_u8 = mask.to(device).contiguous().view(torch.uint8)
+    grid = (triton.cdiv(r, _TILE_R), triton.cdiv(c, _TILE_C))
+    _hpa_apply_kernel[grid](
+        w_prev, w_new, out, mask_u8, coef_t, r, c, *w_prev.stride(), *w_new.stride(), *out.stride(),
+        BLOCK_R=_TILE_R, BLOCK_C=_TILE_C,
+    )  # fmt: skip
+    return out
+
+
+def online_step(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    state_step: Tensor,
+    w_prev: Tensor,
+    mask: Tensor,
+    col_energy: Tensor,
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool = False,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    orthogonal: bool = True,
+) -> Tensor:
+    """See ``hpa_kernels.ops.online_step``."""
+    _check_online_args(param, grad, exp_avg, exp_avg_sq, state_step, w_prev, mask, col_energy)
+    device = param.device
+    r, c = param.shape
+    f32 = {"dtype": torch.float32, "device": device}
+    skip = _skip_flag(found_inf, device)
+    if r == 0 or c == 0:
+        state_step.add_(1.0 if skip is None else (~skip).to(state_step.device, state_step.dtype))
+        return torch.zeros((), **f32)
+    staging = _Staging()
+    p_ = staging.contiguous(param, write_back=True)
+    m_ = staging.contiguous(exp_avg, write_back=True)
+    v_ = staging.contiguous(exp_avg_sq, write_back=True)
+    s_ = staging.dense(state_step.reshape(()), dtype=torch.float32, device=device)
+    g_ = staging.contiguous(grad, write_back=False)
+    w_ = staging.contiguous(w_prev, write_back=False)
+    mask_u8 = mask.to(device).contiguous().view(torch.uint8)
+    rows_per_chunk, chunks = _row_chunks(r, c, device)
+    tiles = triton.cdiv(c, _TILE_C)
+    cols = torch.empty(chunks, c, **f32)
+    dots, norms = torch.empty(chunks * tiles, **f32), torch.empty(chunks * tiles, **f32)
+    _online_pass1_kernel[(tiles, chunks)](
+        p_, g_, m_, v_, w_, mask_u8, s_, _hyper(lr, beta1, beta2, eps, weight_decay, device),
+        staging.scalar_tensor(grad_scale, device), staging.scalar_tensor(found_inf, device),
+        cols, dots, norms, r, c, rows_per_chunk,
+        HAS_SCALE=grad_scale is not None, HAS_INF=found_inf is not None, MAXIMIZE=bool(maximize),
+        BLOCK_R=_TILE_R, BLOCK_C=_TILE_C,
+    )  # fmt: skip
+    energy = (col_energy.double() + cols.double().sum(dim=0)).float()
+    dot, norm_sq = dots.double().sum(), norms.double().sum()
+    coef = torch.where(norm_sq > 0, dot / norm_sq.clamp_min(torch.finfo(torch.float64).tiny), 0.0).float()
+    if not orthogonal:
+        coef = torch.zeros((), **f32)
+    if skip is not None:
+        energy = torch.where(skip, col_energy, energy)
+        coef = torch.where(skip, 0.0, coef)
+    col_energy.copy_(energy)
+    s_.add_(1.0 if skip is None else (~skip).to(torch.float32))
+    grid = (triton.cdiv(r, _TILE_R), triton.cdiv(c, _TILE_C))
+    _online_pass2_kernel[grid](p_, w_, mask_u8, coef, r, c, BLOCK_R=_TILE_R, BLOCK_C=_TILE_C)
+    staging.finish()
+    return coef

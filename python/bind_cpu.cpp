@@ -1,0 +1,91 @@
+// pybind11 bindings of the CPU kernels as hpa_kernels._C. Tensors arrive as raw addresses
+// (tensor.data_ptr()) with sizes and strides; hpa_kernels/ops/native.py checks dtypes, shapes and
+// devices before calling, and these functions only check what a wrong call would corrupt memory with.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <stdexcept>
+#include <vector>
+
+#include "hpa/cpu.h"
+
+namespace py = pybind11;
+using hpa::Mat;
+
+namespace {
+
+template <typename T>
+const T* ptr_or_null(uintptr_t address) {
+  return address == 0 ? nullptr : reinterpret_cast<const T*>(address);
+}
+
+void adamw(int dtype, const std::vector<uintptr_t>& params, const std::vector<uintptr_t>& grads,
+           const std::vector<uintptr_t>& exp_avgs, const std::vector<uintptr_t>& exp_avg_sqs,
+           const std::vector<uintptr_t>& steps, const std::vector<int64_t>& numels, double lr, double beta1,
+           double beta2, double eps, double weight_decay, bool maximize, uintptr_t grad_scale, uintptr_t found_inf) {
+  const size_t n = params.size();
+  if (grads.size() != n || exp_avgs.size() != n || exp_avg_sqs.size() != n || steps.size() != n ||
+      numels.size() != n) {
+    throw std::invalid_argument("adamw: tensor lists differ in length");
+  }
+  const hpa::AdamWHyper hyper{lr, beta1, beta2, eps, weight_decay, maximize};
+  py::gil_scoped_release release;
+  hpa::cpu::adamw(dtype, static_cast<int64_t>(n), params.data(), grads.data(), exp_avgs.data(), exp_avg_sqs.data(),
+                  steps.data(), numels.data(), hyper, ptr_or_null<float>(grad_scale), ptr_or_null<float>(found_inf));
+}
+
+py::tuple hpa_reduce(int dtype, int64_t r, int64_t c, uintptr_t prev, int64_t ps0, int64_t ps1, uintptr_t next,
+                     int64_t ns0, int64_t ns1, uintptr_t hinv_safety, uintptr_t hinv_task, uintptr_t eps_bar,
+                     uintptr_t zeta_bar) {
+  double dot = 0.0, norm_sq = 0.0;
+  {
+    py::gil_scoped_release release;
+    hpa::cpu::hpa_reduce(dtype, r, c, Mat{prev, ps0, ps1}, Mat{next, ns0, ns1},
+                         reinterpret_cast<const float*>(hinv_safety), reinterpret_cast<const float*>(hinv_task),
+                         reinterpret_cast<float*>(eps_bar), reinterpret_cast<float*>(zeta_bar), &dot, &norm_sq);
+  }
+  return py::make_tuple(dot, norm_sq);
+}
+
+void hpa_apply(int dtype, int64_t r, int64_t c, uintptr_t prev, int64_t ps0, int64_t ps1, uintptr_t next, int64_t ns0,
+               int64_t ns1, uintptr_t out, int64_t os0, int64_t os1, uintptr_t mask, double coef) {
+  py::gil_scoped_release release;
+  hpa::cpu::hpa_apply(dtype, r, c, Mat{prev, ps0, ps1}, Mat{next, ns0, ns1}, Mat{out, os0, os1},
+                      reinterpret_cast<const uint8_t*>(mask), static_cast<float>(coef));
+}
+
+double online_step(int dtype, int64_t r, int64_t c, uintptr_t param, uintptr_t grad, uintptr_t exp_avg,
+                   uintptr_t exp_avg_sq, uintptr_t step, uintptr_t w_prev, uintptr_t mask, uintptr_t col_energy,
+                   double lr, double beta1, double beta2, double eps, double weight_decay, bool maximize,
+                   uintptr_t grad_scale, uintptr_t found_inf, bool orthogonal) {
+  const hpa::AdamWHyper hyper{lr, beta1, beta2, eps, weight_decay, maximize};
+  py::gil_scoped_release release;
+  return hpa::cpu::online_step(dtype, r, c, param, grad, reinterpret_cast<float*>(exp_avg),
+                               reinterpret_cast<float*>(exp_avg_sq), reinterpret_cast<float*>(step), w_prev,
+                               reinterpret_cast<const uint8_t*>(mask), reinterpret_cast<float*>(col_energy), hyper,
+                               ptr_or_null<float>(grad_scale), ptr_or_null<float>(found_inf), orthogonal);
+}
+
+py::tuple split_range(int64_t n, int64_t parts, int64_t k) {
+  int64_t begin = 0, end = 0;
+  hpa::split_range(n, parts, k, &begin, &end);
+  return py::make_tuple(begin, end);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "hpa-kernels CPU kernels (csrc/cpu), called by hpa_kernels.ops.native with raw pointers";
+  m.def("adamw", &adamw, "Multi-tensor AdamW over dense tensors of one storage dtype");
+  m.def("hpa_reduce", &hpa_reduce, "HPA column scores and Frobenius sums; returns (dot, norm_sq)");
+  m.def("hpa_apply", &hpa_apply, "HPA masked, projected write");
+  m.def("online_step", &online_step, "Online HPA step; returns the projection coefficient");
+  m.def("offset2d", &hpa::offset2d, "64-bit element offset i*stride0 + j*stride1 (index helper, for tests)");
+  m.def("split_range", &split_range, "[begin, end) of part k of n items in `parts` parts (for tests)");
+  m.def("num_threads", &hpa::cpu::num_threads, "OpenMP threads the kernels use");
+#ifdef _OPENMP
+  m.attr("openmp") = true;
+#else
+  m.attr("openmp") = false;
+#endif
+}

@@ -1,0 +1,546 @@
+"""Every op of hpa_kernels.ops on every available backend against the ``"torch"`` reference.
+
+One table (``test_op_matches_reference``): each case builds one set of inputs, runs the reference
+in float64 on exact float64 copies of them (the truth), the reference in the case's own dtype (to
+measure the reference's own low-precision error), and the backend under test in the case's dtype
+and layout. An output passes when (flash-attention style, STYLE.md)::
+
+    max|backend − truth| ≤ 2 · max|reference_lowp − truth| + floor
+
+``floor`` covers what that ratio cannot: where the reference is exact by luck (tiny shapes), a
+backend that rounds once differently is off by at most one unit in the last place of the output
+dtype (``eps(dtype)·max|truth|``); fp32 sums of n terms in a different order than the reference's
+fp64 sums drift by about √n·eps32 relative, allowed with a margin of 8 (scaled by Σ|terms| for the
+signed sum ⟨ΔW, W_prev⟩, where cancellation makes max|truth| meaningless).
+
+Triton runs on CPU tensors under ``TRITON_INTERPRET=1``, which triton reads when kernels are
+decorated: this module sets it, when there is no GPU, before anything imports
+``hpa_kernels.ops.triton_kernels``. With a GPU, Triton and CUDA run compiled, under the ``gpu`` marker.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import zlib
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from hpa_kernels import ops  # noqa: E402
+from hpa_kernels.ops import native, reference  # noqa: E402
+
+HAS_GPU = torch.cuda.is_available()
+AVAILABLE = ops.available_backends()
+TRITON_ON_CPU = "triton" in AVAILABLE and not HAS_GPU
+if TRITON_ON_CPU:
+    from hpa_kernels.ops import triton_kernels
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SHAPES = [(1, 1), (3, 5), (17, 33), (257, 1023), (4097, 3), (0, 16), (16, 0)]
+SMALL_SHAPES = [(1, 1), (3, 5), (17, 33), (0, 16), (16, 0)]  # the Triton interpreter's
+CHANNELS_LAST_SHAPES = [(1, 1, 1, 1), (2, 3, 4, 5), (8, 16, 3, 3)]
+HYPER = {"lr": 1e-2, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.1}
+
+
+def _gpu_skip(backend: str):
+    return pytest.mark.skipif(
+        not HAS_GPU or backend not in AVAILABLE, reason=f"needs a CUDA GPU and the {backend!r} backend"
+    )
+
+
+# (backend, device, small shapes only)
+BACKENDS = []
+if "cpu" in AVAILABLE:
+    BACKENDS.append(pytest.param("cpu", "cpu", False, id="cpu"))
+if TRITON_ON_CPU:
+    BACKENDS.append(pytest.param("triton", "cpu", True, id="triton-interp"))
+BACKENDS += [
+    pytest.param("cuda", "cuda", False, id="cuda", marks=[pytest.mark.gpu, _gpu_skip("cuda")]),
+    pytest.param("triton", "cuda", False, id="triton-gpu", marks=[pytest.mark.gpu, _gpu_skip("triton")]),
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Layouts: how the backend's copies of the inputs are laid out in memory
+
+
+def _strided(x: torch.Tensor) -> torch.Tensor:
+    """A non-contiguous view holding x: every other column of a wider matrix."""
+    base = torch.full((*x.shape[:-1], 2 * x.shape[-1]), float("nan"), dtype=x.dtype, device=x.device)
+    view = base[..., ::2]
+    view.copy_(x)
+    return view
+
+
+def _transposed(x: torch.Tensor) -> torch.Tensor:
+    """x with column-major strides (as a grad that came through a transpose)."""
+    return x.t().contiguous().t() if x.dim() == 2 else x
+
+
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+# ---------------------------------------------------------------------------------------------
+# Op cases: inputs (float64 master values, exactly representable in the case's dtype), a call, and
+# the outputs to compare. ``role`` names which inputs a layout applies to.
+
+
+def _rand(gen: torch.Generator, shape, dtype: torch.dtype, scale: float = 1.0, positive: bool = False):
+    x = (
+        torch.rand(shape, generator=gen, dtype=torch.float64)
+        if positive
+        else torch.randn(shape, generator=gen, dtype=torch.float64)
+    )
+    return (x * scale).to(dtype).to(torch.float64)  # exact in dtype
+
+
+def _adamw_inputs(shape, dtype, gen):
+    # A second, differently sized tensor in the same call: the multi-tensor path.
+    shapes = [shape, (7,)]
+    return {
+        "params": [_rand(gen, s, dtype) for s in shapes],
+        "grads": [_rand(gen, s, dtype) for s in shapes],
+        "exp_avgs": [_rand(gen, s, torch.float32, 0.1) for s in shapes],
+        "exp_avg_sqs": [_rand(gen, s, torch.float32, 0.01, positive=True) for s in shapes],
+        "state_steps": [torch.tensor(4.0, dtype=torch.float64) for _ in shapes],
+    }
+
+
+def _adamw_call(x, backend, dtype):
+    ops.adamw_step(
+        x["params"], x["grads"], x["exp_avgs"], x["exp_avg_sqs"], x["state_steps"], **HYPER,
+        maximize=dtype == torch.float16, grad_scale=x["grad_scale"], backend=backend,
+    )  # fmt: skip
+    return [*x["params"], *x["exp_avgs"], *x["exp_avg_sqs"], *x["state_steps"]]
+
+
+def _reduce_inputs(shape, dtype, gen):
+    w_prev = _rand(gen, shape, dtype)
+    w_new = (w_prev + _rand(gen, shape, torch.float64, 0.1)).to(dtype).to(torch.float64)
+    c = shape[1]
+    return {
+        "w_prev": w_prev,
+        "w_new": w_new,
+        "hinv_safety": _rand(gen, (c,), torch.float32, positive=True) + 0.5,
+        "hinv_task": _rand(gen, (c,), torch.float32, positive=True) + 0.5,
+    }
+
+
+def _reduce_call(x, backend, dtype):
+    return list(ops.hpa_reduce(x["w_prev"], x["w_new"], x["hinv_safety"], x["hinv_task"], backend=backend))
+
+
+def _apply_inputs(shape, dtype, gen):
+    x = _reduce_inputs(shape, dtype, gen)
+    x["mask"] = torch.rand(shape[1], generator=gen) < 0.3
+    x["out"] = torch.zeros(shape, dtype=torch.float64)
+    return x
+
+
+def _apply_call(x, backend, dtype):
+    coef = 0.05 if dtype != torch.bfloat16 else torch.tensor(0.05)  # float and tensor coef
+    return [ops.hpa_apply(x["w_prev"], x["w_new"], x["mask"], coef, out=x["out"], backend=backend)]
+
+
+def _online_inputs(shape, dtype, gen):
+    w_prev = _rand(gen, shape, dtype)
+    return {
+        "param": (w_prev + _rand(gen, shape, torch.float64, 0.05)).to(dtype).to(torch.float64),
+        "grad": _rand(gen, shape, dtype),
+        "exp_avg": _rand(gen, shape, torch.float32, 0.1),
+        "exp_avg_sq": _rand(gen, shape, torch.float32, 0.01, positive=True),
+        "state_step": torch.tensor(2.0, dtype=torch.float64),
+        "w_prev": w_prev,
+        "mask": torch.rand(shape[1], generator=gen) < 0.3,
+        "col_energy": _rand(gen, (shape[1],), torch.float32, positive=True),
+    }
+
+
+def _online_call(x, backend, dtype):
+    coef = ops.online_step(
+        x["param"], x["grad"], x["exp_avg"], x["exp_avg_sq"], x["state_step"], x["w_prev"], x["mask"],
+        x["col_energy"], **HYPER, maximize=dtype == torch.float16, grad_scale=x["grad_scale"], backend=backend,
+    )  # fmt: skip
+    return [x["param"], x["exp_avg"], x["exp_avg_sq"], x["state_step"], x["col_energy"], coef]
+
+
+# Per op: inputs, call, the storage dtype of each input (None: keep the float64 master's
+# float32/bool), the inputs a "strided" layout applies to, the one a "grad_strides" layout applies to.
+OPS = {
+    "adamw_step": (_adamw_inputs, _adamw_call, {"params": "dtype", "grads": "dtype"}, ("params", "grads", "exp_avgs", "exp_avg_sqs"), "grads"),
+    "hpa_reduce": (_reduce_inputs, _reduce_call, {"w_prev": "dtype", "w_new": "dtype"}, ("w_prev", "w_new"), "w_new"),
+    "hpa_apply": (_apply_inputs, _apply_call, {"w_prev": "dtype", "w_new": "dtype", "out": "dtype"}, ("w_prev", "w_new", "out"), "w_new"),
+    "online_step": (_online_inputs, _online_call, {"param": "dtype", "grad": "dtype", "w_prev": "dtype"}, ("param", "grad", "exp_avg", "exp_avg_sq", "w_prev"), "grad"),
+}  # fmt: skip
+
+
+def _materialise(master: dict, op: str, dtype: torch.dtype, device: str, layout: str) -> dict:
+    """Copies of the master inputs: storage dtypes for ``dtype`` (float64 → truth), on device, in layout."""
+    _, _, stored, strided_roles, grad_role = OPS[op]
+
+    def convert(name, t):
+        if t.dtype == torch.bool:
+            return t.to(device, copy=True)
+        # copy=True: the master stays untouched by the in-place ops (truth, reference, backend alike)
+        if dtype == torch.float64:
+            t = t.to(device, torch.float64, copy=True)
+        else:
+            t = t.to(device, dtype if stored.get(name) == "dtype" else torch.float32, copy=True)
+        if layout == "strided" and name in strided_roles and t.dim() >= 1 and t.shape[-1] > 0:
+            t = _strided(t)
+        elif layout == "grad_strides" and name == grad_role:
+            t = _transposed(t)
+        elif layout == "channels_last" and name in ("params", "exp_avgs", "exp_avg_sqs") and t.dim() == 4:
+            t = _channels_last(t)
+        return t
+
+    out = {}
+    for name, value in master.items():
+        out[name] = [convert(name, t) for t in value] if isinstance(value, list) else convert(name, value)
+    scale = torch.tensor(2.0, device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    out["grad_scale"] = scale if op in ("adamw_step", "online_step") else None
+    return out
+
+
+def _floor(op: str, index: int, truth: torch.Tensor, master: dict, dtype: torch.dtype) -> float:
+    """The absolute floor of the tolerance of output ``index`` of ``op`` (see the module docstring)."""
+    scale = truth.abs().max().item() if truth.numel() else 0.0
+    eps32 = torch.finfo(torch.float32).eps
+    if op == "hpa_reduce":
+        w = master["w_prev"]
+        n = max(1, w.shape[0]) if index < 2 else max(1, w.numel())
+        if index == 2:  # ⟨ΔW, W_prev⟩: signed, scale by Σ|terms|
+            scale = ((master["w_new"] - w).abs() * w.abs()).sum().item()
+        return 8 * math.sqrt(n) * eps32 * scale
+    if op == "online_step" and index == 4:  # col_energy: fp32 sums over r rows
+        return 8 * math.sqrt(max(1, master["param"].shape[0])) * eps32 * scale
+    if op == "online_step" and index == 5:  # c': a ratio of sums over the matrix, of rounded values
+        p = master["w_prev"]
+        return 8 * math.sqrt(max(1, p.numel())) * torch.finfo(dtype).eps * max(scale, 1e-3)
+    out_dtype = torch.float32
+    if (op == "adamw_step" and index < 2) or op == "hpa_apply" or (op == "online_step" and index == 0):
+        out_dtype = dtype
+    return torch.finfo(out_dtype).eps * scale  # one unit in the last place at the largest |value|
+
+
+def _cases():
+    for op in OPS:
+        for dtype_name in DTYPES:
+            shapes = [(s, "contiguous") for s in SHAPES]
+            shapes += [(s, "strided") for s in SHAPES] + [(s, "grad_strides") for s in SHAPES]
+            if op == "adamw_step":
+                shapes += [(s, "channels_last") for s in CHANNELS_LAST_SHAPES]
+            for shape, layout in shapes:
+                yield op, dtype_name, shape, layout
+
+
+CASES = [pytest.param(*c, id=f"{c[0]}-{c[1]}-{'x'.join(map(str, c[2]))}-{c[3]}") for c in _cases()]
+
+
+def _table():
+    """Cases x backends; the Triton interpreter gets the small shapes only (the same kernels run every
+    shape compiled on a GPU)."""
+    for backend in BACKENDS:
+        name, device, small_only = backend.values
+        for case in CASES:
+            shape = case.values[2]
+            if small_only and shape not in SMALL_SHAPES and shape not in CHANNELS_LAST_SHAPES[:2]:
+                continue
+            yield pytest.param(*case.values, name, device, id=f"{backend.id}-{case.id}", marks=backend.marks)
+
+
+@pytest.mark.parametrize("op,dtype_name,shape,layout,backend,device", list(_table()))
+def test_op_matches_reference(op, dtype_name, shape, layout, backend, device):
+    dtype = DTYPES[dtype_name]
+    make, call, *_ = OPS[op]
+    master = make(shape, dtype, torch.Generator().manual_seed(zlib.crc32(f"{op}{dtype_name}{shape}".encode())))
+    truth = call(_materialise(master, op, torch.float64, "cpu", "contiguous"), "torch", torch.float64)
+    ref_lowp = call(_materialise(master, op, dtype, "cpu", "contiguous"), "torch", dtype)
+    got = call(_materialise(master, op, dtype, device, layout), backend, dtype)
+    assert len(got) == len(truth)
+    for index, (t, r, g) in enumerate(zip(truth, ref_lowp, got)):
+        assert g.shape == t.shape, f"output {index}: shape {tuple(g.shape)} != {tuple(t.shape)}"
+        assert g.dtype == r.dtype, f"output {index}: dtype {g.dtype} != reference's {r.dtype}"
+        if t.numel() == 0:
+            continue
+        g64, r64 = g.detach().cpu().double(), r.double()
+        assert torch.isfinite(g64).all(), f"output {index} has non-finite values"
+        ref_err = (r64 - t).abs().max().item()
+        err = (g64 - t).abs().max().item()
+        tol = 2 * ref_err + _floor(op, index, t, master, dtype)
+        assert err <= tol, f"output {index}: error {err:.3e} > tol {tol:.3e} (reference's own error {ref_err:.3e})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Contracts beyond "matches the reference"
+
+
+ALL_BACKENDS = [pytest.param("torch", "cpu", id="torch")] + [
+    pytest.param(*p.values[:2], id=p.id, marks=p.marks) for p in BACKENDS
+]
+
+
+def _amp_inputs(device, dtype=torch.float16):
+    gen = torch.Generator().manual_seed(7)
+    shape = (17, 33)
+    t = {
+        "param": torch.randn(shape, generator=gen).to(device, dtype),
+        "grad": torch.randn(shape, generator=gen).to(device, dtype),
+        "exp_avg": torch.randn(shape, generator=gen).to(device),
+        "exp_avg_sq": torch.rand(shape, generator=gen).to(device),
+        "state_step": torch.tensor(3.0, device=device),
+        "w_prev": torch.randn(shape, generator=gen).to(device, dtype),
+        "mask": (torch.rand(shape[1], generator=gen) < 0.3).to(device),
+        "col_energy": torch.rand(shape[1], generator=gen).to(device),
+    }
+    return t
+
+
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+def test_found_inf_leaves_everything_bitwise_unchanged(backend, device):
+    """GradScaler's skipped step (issue 5 case 5): no parameter, moment, step count or statistic moves."""
+    x = _amp_inputs(device)
+    before = {k: v.clone() for k, v in x.items()}
+    found_inf = torch.tensor(1.0, device=device)
+    scale = torch.tensor(1024.0, device=device)
+    ops.adamw_step(
+        [x["param"]], [x["grad"]], [x["exp_avg"]], [x["exp_avg_sq"]], [x["state_step"]], **HYPER,
+        grad_scale=scale, found_inf=found_inf, backend=backend,
+    )  # fmt: skip
+    coef = ops.online_step(
+        x["param"], x["grad"], x["exp_avg"], x["exp_avg_sq"], x["state_step"], x["w_prev"], x["mask"],
+        x["col_energy"], **HYPER, grad_scale=scale, found_inf=found_inf, backend=backend,
+    )  # fmt: skip
+    for k, v in x.items():
+        assert torch.equal(_bits(v), _bits(before[k])), k
+    assert coef.item() == 0.0
+    # The same call with found_inf = 0 does move everything: the check above can fail.
+    found_inf.zero_()
+    ops.adamw_step(
+        [x["param"]], [x["grad"]], [x["exp_avg"]], [x["exp_avg_sq"]], [x["state_step"]], **HYPER,
+        grad_scale=scale, found_inf=found_inf, backend=backend,
+    )  # fmt: skip
+    assert not torch.equal(x["param"], before["param"]) and x["state_step"].item() == 4.0
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bytes of t (bitwise comparison, NaN and -0.0 included)."""
+    return t.detach().reshape(-1).view(torch.uint8) if t.dtype != torch.bool else t
+
+
+def _online_run(backend, device, dtype, shape, steps, seed=3, orthogonal=True):
+    gen = torch.Generator().manual_seed(seed)
+    w_prev = torch.randn(shape, generator=gen).to(device, dtype)
+    state = {
+        "param": w_prev.clone(),
+        "exp_avg": torch.zeros(shape, device=device),
+        "exp_avg_sq": torch.zeros(shape, device=device),
+        "state_step": torch.tensor(0.0, device=device),
+        "col_energy": torch.zeros(shape[1], device=device),
+    }
+    mask = (torch.rand(shape[1], generator=gen) < 0.15).to(device)
+    for _ in range(steps):
+        grad = torch.randn(shape, generator=gen).to(device, dtype)
+        ops.online_step(
+            state["param"], grad, state["exp_avg"], state["exp_avg_sq"], state["state_step"], w_prev, mask,
+            state["col_energy"], **HYPER, orthogonal=orthogonal, backend=backend,
+        )  # fmt: skip
+        yield state, w_prev, mask
+
+
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+def test_online_step_invariants(backend, device, dtype_name):
+    """The invariants of ops.online_step after every step: retained columns bit-equal to W_prev, and
+    ΔW Frobenius-orthogonal to W_prev (1e-5 relative in fp32; the rounding bound in bf16 / fp16)."""
+    dtype = DTYPES[dtype_name]
+    shape = (64, 48) if backend != "triton" or HAS_GPU else (32, 24)
+    unit = torch.finfo(dtype).eps / 2
+    for state, w_prev, mask in _online_run(backend, device, dtype, shape, steps=5):
+        w = state["param"]
+        assert torch.equal(_bits(w[:, mask].contiguous()), _bits(w_prev[:, mask].contiguous()))
+        delta = w.double() - w_prev.double()
+        dot = (delta * w_prev.double()).sum().abs().item()
+        assert delta[:, ~mask].abs().max() > 0  # the step moved the free columns
+        if dtype == torch.float32:
+            assert dot <= 1e-5 * delta.norm().item() * w_prev.double().norm().item()
+        else:
+            assert dot <= 2 * unit * w.double().norm().item() * w_prev.double().norm().item()
+    # Without the projection ΔW is not orthogonal: the check above can fail.
+    state, w_prev, mask = list(_online_run(backend, device, torch.float32, shape, steps=2, orthogonal=False))[-1]
+    delta = state["param"].double() - w_prev.double()
+    assert (delta * w_prev.double()).sum().abs() > 1e-3 * delta.norm() * w_prev.double().norm()
+
+
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+def test_online_step_energy_counts_retained_columns(backend, device):
+    """col_energy accumulates the unconstrained update on every column, retained ones included."""
+    state, _, mask = list(_online_run(backend, device, torch.float32, (16, 12), steps=3))[-1]
+    assert (state["col_energy"] > 0).all()
+    assert state["state_step"].item() == 3.0
+
+
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+def test_runs_are_bitwise_deterministic(backend, device):
+    """Same inputs, same bits (issue 5 case 10): fixed-order reductions, no atomics."""
+    shape = (257, 1023) if backend != "triton" or HAS_GPU else (33, 65)
+    runs = []
+    for _ in range(2):
+        gen = torch.Generator().manual_seed(11)
+        w_prev = torch.randn(shape, generator=gen).to(device)
+        w_new = w_prev + 0.1 * torch.randn(shape, generator=gen).to(device)
+        h = torch.rand(shape[1], generator=gen).to(device) + 0.5
+        red = ops.hpa_reduce(w_prev, w_new, h, h, backend=backend)
+        online = list(_online_run(backend, device, torch.float32, shape, steps=2))[-1][0]
+        runs.append([*red, online["param"], online["col_energy"]])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_storage_round_trip_is_exact(backend, device, dtype):
+    """Every finite 16-bit pattern survives load → fp32 → store (our own conversion helpers)."""
+    bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    values = bits.view(dtype)
+    values = values[torch.isfinite(values.float())].reshape(-1, 256)  # 248 / 255 full rows
+    zeros = torch.zeros_like(values)
+    out = ops.hpa_apply(
+        zeros.to(device),
+        values.to(device),
+        torch.zeros(values.shape[1], dtype=torch.bool, device=device),
+        0.0,
+        backend=backend,
+    )
+    assert torch.equal(out.cpu().view(torch.int16), values.view(torch.int16))
+
+
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS[1:])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_rounding_matches_torch(backend, device, dtype):
+    """fp32 → bf16 / fp16 rounds to nearest even as torch's casts do (a truncating helper fails here,
+    where the 2x-reference tolerance of the table cannot tell half an ulp from one)."""
+    gen = torch.Generator().manual_seed(5)
+    a, b = (torch.randn(64, 256, generator=gen).to(dtype) for _ in range(2))
+    mask = torch.zeros(256, dtype=torch.bool)
+    want = reference.hpa_apply(a, b, mask, 0.37)
+    got = ops.hpa_apply(a.to(device), b.to(device), mask.to(device), 0.37, backend=backend).cpu()
+    mismatch = got.view(torch.int16) != want.view(torch.int16)
+    if device == "cpu":
+        assert not mismatch.any()
+    else:  # a GPU compiler may fuse b - coef*a into one FMA: a rare one-ulp difference
+        assert mismatch.float().mean() < 1e-3
+
+
+@pytest.mark.skipif(not native.cpu_loaded(), reason="hpa_kernels._C not built")
+def test_cpu_index_helpers_are_64_bit():
+    """The kernels' index arithmetic (csrc/include/hpa/common.h) past 2**31 and 2**32, cheaply."""
+    from hpa_kernels import _C
+
+    big = 2**31 + 12345
+    assert _C.offset2d(big, 7, 3 * 2**20, 1) == big * 3 * 2**20 + 7
+    assert _C.offset2d(3, big, 1, 2**31) == 3 + big * 2**31
+    n, parts = 5 * 2**32 + 3, 7
+    bounds = [_C.split_range(n, parts, k) for k in range(parts)]
+    assert bounds[0][0] == 0 and bounds[-1][1] == n
+    assert all(b[1] == nxt[0] for b, nxt in zip(bounds, bounds[1:]))
+    assert max(e - b for b, e in bounds) - min(e - b for b, e in bounds) <= 1
+
+
+@pytest.mark.skipif(not TRITON_ON_CPU, reason="needs the Triton interpreter (no GPU)")
+def test_triton_offsets_are_64_bit():
+    """_block_offsets gives int64 offsets past 2**32 (block index × block size overflows int32)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def probe(out_ptr, base, BLOCK: tl.constexpr):
+        offs = triton_kernels._block_offsets(tl.program_id(0) + base, BLOCK)
+        tl.store(out_ptr + tl.arange(0, BLOCK), offs)
+
+    out = torch.empty(1024, dtype=torch.int64)
+    base = 2**22 + 5
+    probe[(1,)](out, base, BLOCK=1024)
+    assert torch.equal(out, torch.arange(1024, dtype=torch.int64) + base * 1024)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_adamw_past_2_31_elements(backend):
+    """A bf16 tensor past 2**31 elements is updated whole (its last elements move)."""
+    if not HAS_GPU or backend not in AVAILABLE:
+        pytest.skip(f"needs a CUDA GPU and the {backend!r} backend")
+    n = 2**31 + 1025
+    if torch.cuda.get_device_properties(0).total_memory < 40 * 2**30:
+        pytest.skip("needs about 30 GiB of GPU memory")
+    p = torch.ones(n, dtype=torch.bfloat16, device="cuda")
+    g = torch.ones(n, dtype=torch.bfloat16, device="cuda")
+    m = torch.zeros(n, device="cuda")
+    v = torch.zeros(n, device="cuda")
+    ops.adamw_step([p], [g], [m], [v], [torch.tensor(0.0, device="cuda")], **HYPER, backend=backend)
+    assert p[-4:].float().lt(1.0).all() and p[:4].float().lt(1.0).all()
+    assert m[-1].item() == pytest.approx(0.1) and v[-1].item() == pytest.approx(0.001)
+
+
+def test_resolve_backend_and_available():
+    assert AVAILABLE[0] == "torch"
+    expected_cpu = "cpu" if native.cpu_loaded() else "torch"
+    assert ops.resolve_backend("auto", torch.device("cpu")) == expected_cpu
+    assert ops.resolve_backend("torch", torch.device("cpu")) == "torch"
+    with pytest.raises(ValueError, match="unknown"):
+        ops.resolve_backend("nope", torch.device("cpu"))
+    if "cpu" in AVAILABLE:
+        with pytest.raises(ValueError, match="cannot run"):
+            ops.resolve_backend("cpu", torch.device("meta"))
+
+
+def test_env_var_overrides_auto(monkeypatch):
+    monkeypatch.setenv("HPA_KERNELS_BACKEND", "torch")
+    assert ops.resolve_backend("auto", torch.device("cpu")) == "torch"
+    monkeypatch.setenv("HPA_KERNELS_BACKEND", "nope")
+    with pytest.raises(ValueError, match="unknown"):
+        ops.resolve_backend("auto", torch.device("cpu"))
+
+
+def test_missing_compiled_module_falls_back_with_one_warning(tmp_path):
+    """A broken hpa_kernels._C gives one RuntimeWarning and the 'torch' backend, never ImportError."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, warnings, importlib.abc\n"
+        "class Broken(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name in ('hpa_kernels._C', 'hpa_kernels._C_cuda'):\n"
+        "            raise ImportError('simulated broken build')\n"
+        "sys.meta_path.insert(0, Broken())\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import torch\n"
+        "    from hpa_kernels import ops\n"
+        "    print(ops.available_backends(), ops.resolve_backend('auto', torch.device('cpu')))\n"
+        "    print(sum('compiled kernels not loaded' in str(x.message) for x in w))\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    lines = out.strip().splitlines()
+    assert lines[0].endswith("torch") and "'cpu'" not in lines[0]
+    assert lines[1] == "1"
+
+
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+def test_bad_arguments_are_refused(backend, device):
+    w = torch.zeros(3, 4, device=device)
+    h = torch.ones(4, device=device)
+    with pytest.raises(ValueError):
+        ops.hpa_reduce(w, torch.zeros(4, 3, device=device), h, h, backend=backend)
+    if backend != "torch":
+        with pytest.raises(TypeError):
+            ops.hpa_apply(w, w, torch.zeros(4, device=device), 0.0, backend=backend)
+        with pytest.raises(TypeError):
+            ops.hpa_reduce(w.double(), w.double(), h, h, backend=backend)
