@@ -32,6 +32,7 @@ __all__ = [
     "hinv_diagonal",
     "hpa_layer_update",
     "partition_columns",
+    "plan_from_scores",
     "plan_layer_update",
     "projection_coef",
     "retention_schedule",
@@ -79,13 +80,14 @@ def hinv_diagonal(H: Tensor, damping: float = 0.01) -> Tensor:
         (c,) float32, every entry finite and > 0.
 
     Raises:
-        ValueError: H not square, non-finite, all-zero diagonal (the layer saw no signal), or
-            not factorable even with 10⁵× the damping.
+        ValueError: H not square, non-finite, all-zero diagonal (the layer saw no signal), not
+            factorable even with 10⁵× the damping, a damping that is not a finite positive number,
+            or an H so small that diag(H⁻¹) overflows float32 (inputs of magnitude ≲ 1e-19).
     """
     if H.dim() != 2 or H.shape[0] != H.shape[1]:
         raise ValueError(f"hinv_diagonal needs a square (c, c) matrix, got shape {tuple(H.shape)}")
-    if damping <= 0:
-        raise ValueError(f"hinv_diagonal needs damping > 0, got {damping}")
+    if not (isinstance(damping, (int, float)) and math.isfinite(damping) and damping > 0):
+        raise ValueError(f"hinv_diagonal needs a finite damping > 0, got {damping!r}")
     c = H.shape[0]
     if c == 0:
         return torch.empty(0, dtype=torch.float32, device=H.device)
@@ -101,7 +103,13 @@ def hinv_diagonal(H: Tensor, damping: float = 0.01) -> Tensor:
         chol, info = torch.linalg.cholesky_ex(h + lam * eye)
         if int(info) == 0:
             chol_inv = torch.linalg.solve_triangular(chol, eye, upper=False)
-            return chol_inv.square().sum(dim=0).float()
+            hinv = chol_inv.square().sum(dim=0).float()
+            if not bool(torch.isfinite(hinv).all() and (hinv > 0).all()):
+                raise ValueError(
+                    f"hinv_diagonal: diag(H⁻¹) is not representable in float32 (mean(diag H) = {mean_diag:.3g}); "
+                    "rescale the calibration inputs"
+                )
+            return hinv
         lam *= 10.0
     raise ValueError("hinv_diagonal: H + λI is not positive definite even with 10⁵× the damping")
 
@@ -298,8 +306,8 @@ def _check_layer_inputs(w_prev: Tensor, w_new: Tensor, hinv_safety: Tensor, hinv
             raise ValueError(f"{name} must have shape ({c},), got {tuple(vec.shape)}")
         if not (torch.isfinite(vec).all() and (vec > 0).all()):
             raise ValueError(f"{name} must be finite and > 0")
-    if not (torch.isfinite(w_prev).all() and torch.isfinite(w_new).all()):
-        raise ValueError("w_prev or w_new holds NaN or Inf")
+    # NaN / Inf in the weights is caught on the reduce's outputs (c + 2 numbers), not by extra
+    # full passes over both matrices: see plan_layer_update.
 
 
 def plan_layer_update(
@@ -322,6 +330,47 @@ def plan_layer_update(
     """
     _check_layer_inputs(w_prev, w_new, hinv_safety, hinv_task)
     eps_bar, zeta_bar, dot, norm_sq = ops.hpa_reduce(w_prev, w_new, hinv_safety, hinv_task, backend=backend)
+    # A NaN / Inf anywhere in w_prev or w_new reaches ΔW², hence ε̄ and ζ̄ (and the two sums).
+    if not bool(torch.isfinite(torch.cat([eps_bar, zeta_bar, dot.reshape(1), norm_sq.reshape(1)])).all()):
+        raise ValueError("w_prev or w_new holds NaN or Inf (or values whose squares overflow float32)")
+    return plan_from_scores(
+        eps_bar,
+        zeta_bar,
+        dot,
+        norm_sq,
+        retain_ratio,
+        alpha_bounds=alpha_bounds,
+        focus_multiplier=focus_multiplier,
+        orthogonal=orthogonal,
+        mode=mode,
+    )
+
+
+def plan_from_scores(
+    eps_bar: Tensor,
+    zeta_bar: Tensor,
+    dot: float | Tensor,
+    norm_sq: float | Tensor,
+    retain_ratio: float,
+    *,
+    alpha_bounds: tuple[float, float] = (0.4, 0.8),
+    focus_multiplier: float = 2.0,
+    orthogonal: bool = True,
+    mode: str = "balanced",
+) -> LayerPlan:
+    """HPA_SPEC.md Steps 1–2 and Step 3's c_l from an already reduced layer (no weight read).
+
+    The second half of :func:`plan_layer_update`, for callers that reduce elsewhere (sharded
+    weights: :mod:`hpa_kernels.distributed`; checkpoints: :mod:`hpa_kernels.checkpoint`).
+
+    Args:
+        eps_bar, zeta_bar: (c,) float32 column scores ε̄, ζ̄ (as ``ops.hpa_reduce`` returns them).
+        dot, norm_sq: ⟨ΔW, W_prev⟩_F and ‖W_prev‖_F².
+        retain_ratio, alpha_bounds, focus_multiplier, orthogonal, mode: as :func:`hpa_layer_update`.
+
+    Raises:
+        ValueError: mismatched shapes, non-finite scores or an unknown mode.
+    """
     selection = _select(eps_bar, zeta_bar, retain_ratio, alpha_bounds, focus_multiplier, mode)
     coef = projection_coef(dot, norm_sq) if orthogonal else 0.0
     return LayerPlan(

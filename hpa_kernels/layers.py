@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .adapters import is_adapter_wrapper
 from .config import HPAConfig
 from .functional import retention_schedule
 
@@ -29,12 +30,15 @@ class ManagedLayer:
             named in ``HPAConfig.extra_layers``.
         num_blocks: L, the length of its stack (1 for an extra layer).
         retain_ratio: p_l from :func:`hpa_kernels.functional.retention_schedule`.
+        adapter: the PEFT LoRA wrapper whose ``base_layer`` is ``module`` (its adapters are merged
+            before the edit, :mod:`hpa_kernels.adapters`), else ``None``.
     """
 
     module: nn.Linear
     block: int | None
     num_blocks: int
     retain_ratio: float
+    adapter: nn.Module | None = None
 
 
 def find_block_stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
@@ -74,10 +78,16 @@ def find_hpa_layers(model: nn.Module, config: HPAConfig | None = None) -> dict[s
         ratios = retention_schedule(len(stack), config.p_max, config.p_min)
         for index, block in enumerate(stack):
             prefix = f"{stack_name}.{index}" if stack_name else str(index)
+            # PEFT: inside an adapter wrapper only its base_layer is managed (hpa_kernels.adapters).
+            wrappers = {n: m for n, m in block.named_modules() if n and is_adapter_wrapper(m)}
             for sub_name, sub in block.named_modules():
                 if isinstance(sub, nn.Linear):
+                    owner = max((w for w in wrappers if sub_name.startswith(w + ".")), key=len, default=None)
+                    if owner is not None and sub_name != owner + ".base_layer":
+                        continue
                     name = f"{prefix}.{sub_name}" if sub_name else prefix
-                    layers[name] = ManagedLayer(sub, index, len(stack), ratios[index])
+                    adapter = wrappers[owner] if owner is not None else None
+                    layers[name] = ManagedLayer(sub, index, len(stack), ratios[index], adapter)
     for name in config.extra_layers:
         module = modules.get(name)
         if not isinstance(module, nn.Linear):

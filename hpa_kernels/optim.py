@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from itertools import chain
@@ -11,12 +13,37 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from . import ops
+from . import adapters, distributed, ops
 from .config import HPAConfig
-from .functional import LayerPlan, plan_layer_update
+from .functional import LayerPlan, count_columns, plan_layer_update, top_columns
 from .layers import ManagedLayer, find_hpa_layers
 
-_GROUP_KEYS = frozenset({"params", "lr", "betas", "eps", "weight_decay", "maximize", "name", "initial_lr"})
+_GROUP_KEYS = frozenset(
+    {"params", "lr", "betas", "eps", "weight_decay", "maximize", "master_weights", "name", "param_names", "initial_lr"}
+)
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+# Parameter dtypes every kernels backend steps; the "torch" reference also steps float64.
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Group keys of torch.optim.AdamW state dicts that a load accepts (and drops) when they ask for
+# nothing HPAOptimizer does differently: {key: required truth value, or None for any value}.
+_ADAMW_GROUP_KEYS = {
+    "foreach": None,
+    "fused": None,
+    "amsgrad": False,
+    "capturable": False,
+    "differentiable": False,
+    "decoupled_weight_decay": True,
+}
+# Per-parameter state of the shape of the parameter (checked when a state dict is loaded).
+_PARAM_SHAPED_STATE = ("exp_avg", "exp_avg_sq", "hpa_prev", "master_param")
+
+
+def _check_param_dtype(p: Tensor, label: str) -> None:
+    """Refuse a parameter no backend can step (issue 5 case 9), naming it."""
+    if p.is_complex():
+        raise ValueError(f"HPAOptimizer: {label} is complex ({p.dtype}); not supported (view it as real pairs)")
+    if not p.is_floating_point():
+        raise ValueError(f"HPAOptimizer: {label} has dtype {p.dtype}; only floating-point parameters are supported")
 
 
 @dataclass(frozen=True)
@@ -70,22 +97,44 @@ class HPAOptimizer(Optimizer):
     * ``end_task(task_hessians)`` applies Steps 1–3 to every managed layer, in place, after
       checking every input (nothing is written when a check fails).
 
+    **Low precision.** Without master weights a bf16 / fp16 parameter is the only copy: each step
+    computes θ − update in fp32 and rounds it once to the parameter's dtype, so an update smaller
+    than half a unit in the last place of θ (bf16 near 1.0: 2⁻⁹ ≈ 0.002; with lr = 1e-5 every
+    step of a weight of magnitude ≳ 0.005) is rounded away and *lost* — the parameter does not
+    move at all. ``master_weights=True`` keeps an fp32 copy of every bf16 / fp16 parameter in its
+    state (``"master_param"``): steps update the copy and the parameter is its rounding, so small
+    updates accumulate. The HPA snapshot and edit then act on the fp32 copy (W_prev, W_new and Ŵ
+    in fp32; the parameter receives round(Ŵ)). Write such parameters only through the optimizer
+    (or load a state dict): a write to the parameter alone is overwritten by the next step.
+    fp16 parameters are safe with ``eps=1e-8``: the math is fp32, so ε never underflows.
+
+    **torch.compile.** ``step`` is excluded from tracing (``torch._disable_dynamo``): its kernels
+    take raw pointers or read scalars on the host, which dynamo cannot trace. Inside a compiled
+    function the call is a graph break and runs eagerly; the learning rate (float or tensor)
+    never enters a graph, so a schedule causes no recompilation. ``fullgraph=True`` around a
+    call of ``step`` is therefore refused by dynamo.
+
     Args:
-        params: parameters or param groups, as for ``torch.optim.AdamW``. Group keys other than
-            ``lr``, ``betas``, ``eps``, ``weight_decay``, ``maximize``, ``name`` are refused.
+        params: parameters, ``(name, parameter)`` pairs or param groups, as for
+            ``torch.optim.AdamW``. Group keys other than ``lr``, ``betas``, ``eps``,
+            ``weight_decay``, ``maximize``, ``master_weights``, ``name``, ``param_names`` are refused.
         lr: learning rate γ (float, or a 0-d tensor a scheduler may change in place).
         betas: (β1, β2), each in [0, 1).
         eps: ε ≥ 0, added to the denominator.
         weight_decay: λ ≥ 0 (decoupled, as in AdamW).
         maximize: ascend instead of descend.
+        master_weights: keep an fp32 copy of every bf16 / fp16 parameter (see *Low precision*).
+            ``None`` (default) means False, with a warning when a trainable parameter is bf16 /
+            fp16; pass False to choose rounding explicitly.
         hpa: :class:`HPAConfig`.
         hpa_layers: ``{name: ManagedLayer}`` of the layers to edit (:meth:`from_model` finds
             them); their weights must be among ``params``. ``None``: a plain AdamW.
         backend: kernels backend, ``"auto"`` or one of ``hpa_kernels.ops.available_backends()``.
 
     Raises:
-        ValueError: a hyperparameter out of range, an unknown group key, a complex parameter,
-            a managed weight that is not in ``params``, or an unknown backend.
+        ValueError: a hyperparameter out of range, an unknown group key, a complex or
+            non-floating-point parameter (named), a managed weight that is not in ``params``, or
+            an unknown backend.
     """
 
     _step_supports_amp_scaling = True  # GradScaler hands us grad_scale / found_inf (AMP contract)
@@ -99,6 +148,7 @@ class HPAOptimizer(Optimizer):
         weight_decay: float = 1e-2,
         *,
         maximize: bool = False,
+        master_weights: bool | None = None,
         hpa: HPAConfig | None = None,
         hpa_layers: Mapping[str, ManagedLayer] | None = None,
         backend: str = "auto",
@@ -114,18 +164,40 @@ class HPAOptimizer(Optimizer):
             raise ValueError(f"HPAOptimizer: invalid betas {betas}")
         if not weight_decay >= 0.0:
             raise ValueError(f"HPAOptimizer: invalid weight_decay {weight_decay}")
-        ops.resolve_backend(backend, torch.device("cpu"))
+        ops.resolve_backend(backend)
         self.hpa = hpa if hpa is not None else HPAConfig()
         self.backend = backend
-        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay, "maximize": maximize}
+        defaults = {
+            "lr": lr,
+            "betas": tuple(betas),
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "maximize": maximize,
+            "master_weights": bool(master_weights),
+        }
+        self._param_names: dict[int, str] = {}  # id(param) -> name, for error messages
+        self._edited: dict[str, LayerReport] = {}  # layers end_task already wrote (a retry skips them)
         super().__init__(params, defaults)
+        if master_weights is None and any(
+            p.dtype in _LOW_PRECISION and p.requires_grad for g in self.param_groups for p in g["params"]
+        ):
+            warnings.warn(
+                "HPAOptimizer: bf16/fp16 parameters without master weights: an update below half a unit in "
+                "the last place of a weight is rounded away at every step (lost). Pass master_weights=True to "
+                "keep fp32 copies, or master_weights=False to choose rounding explicitly.",
+                UserWarning,
+                stacklevel=2,
+            )
         self.hpa_layers: dict[str, ManagedLayer] = dict(hpa_layers or {})
+        for name, layer in self.hpa_layers.items():
+            self._param_names.setdefault(id(layer.module.weight), f"{name}.weight")
         owned = {id(p) for group in self.param_groups for p in group["params"]}
         for name, layer in self.hpa_layers.items():
             if id(layer.module.weight) not in owned:
                 raise ValueError(f"HPAOptimizer: the weight of managed layer {name!r} is not among the params")
         self._in_task = False
         self._tasks_completed = 0
+        self._online_steps = 0  # steps of the open task taken in online mode (for refresh_every)
 
     @classmethod
     def from_model(cls, model: nn.Module, *, hpa: HPAConfig | None = None, **kwargs: Any) -> HPAOptimizer:
@@ -138,18 +210,36 @@ class HPAOptimizer(Optimizer):
         Args:
             model: the model.
             hpa: :class:`HPAConfig` (default: the paper's).
-            **kwargs: ``lr``, ``betas``, ``eps``, ``weight_decay``, ``maximize``, ``backend``.
+            **kwargs: ``lr``, ``betas``, ``eps``, ``weight_decay``, ``maximize``, ``master_weights``,
+                ``backend``.
+
+        PEFT LoRA models: the managed layer is each wrapper's ``base_layer``; its frozen weight
+        joins the optimizer without gradients (edited at ``end_task``, never stepped) and the
+        adapters are trained (:mod:`hpa_kernels.adapters`). Frozen layers without an adapter are
+        left out (their update is zero, so is their edit).
 
         Raises:
-            ValueError: as :func:`find_hpa_layers`, or a managed layer whose weight is frozen.
+            ValueError: as :func:`find_hpa_layers`, a managed layer whose weight is frozen (outside a
+                LoRA wrapper), or a wrapper that is not plain PEFT LoRA (DoRA, LoRA bias, other tuners).
         """
         hpa = hpa if hpa is not None else HPAConfig()
         layers = find_hpa_layers(model, hpa)
+        if any(layer.adapter is not None for layer in layers.values()):
+            # PEFT freezes every layer without an adapter: it cannot change, its edit is the identity.
+            layers = {n: lay for n, lay in layers.items() if lay.adapter is not None or lay.module.weight.requires_grad}
         for name, layer in layers.items():
-            if not layer.module.weight.requires_grad:
+            if layer.adapter is not None:
+                adapters.check_adapter(layer.adapter, name)
+            elif not layer.module.weight.requires_grad:
                 raise ValueError(f"HPAOptimizer.from_model: managed layer {name!r} has a frozen weight")
         params = [p for p in model.parameters() if p.requires_grad]
-        return cls(params, hpa=hpa, hpa_layers=layers, **kwargs)
+        params += [layer.module.weight for layer in layers.values() if not layer.module.weight.requires_grad]
+        names = {id(p): name for name, p in model.named_parameters()}
+        for p in params:
+            _check_param_dtype(p, f"parameter {names.get(id(p), '?')!r}")
+        optimizer = cls(params, hpa=hpa, hpa_layers=layers, **kwargs)
+        optimizer._param_names.update(names)
+        return optimizer
 
     # ------------------------------------------------------------------ param groups and state
 
@@ -161,38 +251,112 @@ class HPAOptimizer(Optimizer):
             )
         params = param_group["params"]
         params = [params] if isinstance(params, Tensor) else list(params)
+        # A new dict: the generator a group may hold is consumed once, here, not twice.
+        param_group = {**param_group, "params": params}
         for index, p in enumerate(params):
-            if isinstance(p, Tensor) and p.is_complex():
-                raise ValueError(f"HPAOptimizer: parameter {index} of the group is complex ({p.dtype}); not supported")
+            name, tensor = p if isinstance(p, tuple) else (None, p)  # (name, parameter) pairs, as torch allows
+            if isinstance(tensor, Tensor):
+                _check_param_dtype(tensor, f"parameter {name!r}" if name else f"parameter {index} of the group")
         super().add_param_group(param_group)
 
     def state_dict(self) -> dict[str, Any]:
         """The standard optimizer state dict plus ``"hpa"``: the task lifecycle (plain values).
 
-        Per-parameter state: ``step`` (fp32 0-d), ``exp_avg``, ``exp_avg_sq`` (fp32) and, during a
-        task, ``hpa_prev`` (W_prev, the parameter's dtype) and ``hpa_hinv_safety`` (fp32 (c,)).
+        Per-parameter state: ``step`` (fp32 0-d), ``exp_avg``, ``exp_avg_sq`` (fp32; float64 for
+        float64 parameters, which only the ``"torch"`` backend steps) and, during a
+        task, ``hpa_prev`` (W_prev, the parameter's dtype) and ``hpa_hinv_safety`` (fp32 (c,));
+        with master weights, ``master_param`` (fp32); in online mode, ``hpa_mask`` (bool (c,)) and
+        ``hpa_col_energy`` (fp32 (c,)). ``"hpa"`` also counts the online steps and lists, as plain dicts, the
+        layers a failed ``end_task`` already edited (``"edited"``), so a resumed retry skips them.
         """
         state = super().state_dict()
-        state["hpa"] = {"in_task": self._in_task, "tasks_completed": self._tasks_completed}
+        state["hpa"] = {
+            "in_task": self._in_task,
+            "tasks_completed": self._tasks_completed,
+            "online_steps": self._online_steps,
+            "edited": {name: report.as_dict() for name, report in self._edited.items()},
+        }
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict of :meth:`state_dict`; tensors keep their saved dtype (fp32 moments
-        stay fp32 over bf16 parameters) and move to their parameter's device."""
+        """Load a state dict of :meth:`state_dict` (e.g. from ``torch.load(..., weights_only=True)``).
+
+        Tensors are copied (the optimizer never shares storage with ``state_dict``), keep their
+        saved dtype (fp32 moments and master weights stay fp32 over bf16 parameters, snapshots keep
+        theirs, masks stay bool) and move to their parameter's device. Moments saved in a lower
+        precision (a ``torch.optim.AdamW`` state over bf16 parameters) are widened to fp32, which the
+        kernels need; a ``step`` saved as a number becomes an fp32 0-d tensor.
+
+        Param groups of a ``torch.optim.AdamW`` state dict load when their extra keys ask for
+        nothing different (``amsgrad=False``, any ``foreach`` / ``fused``, ...); those keys are
+        dropped, and a key the saved groups lack (``master_weights``) takes this optimizer's default.
+
+        Raises:
+            ValueError: a saved tensor whose shape does not fit its parameter (named), or a saved
+                param group asking for an option HPAOptimizer does not implement (``amsgrad=True``,
+                another optimizer's ``momentum``, ...); nothing is loaded then. Mismatched group
+                sizes raise as in ``torch.optim.Optimizer``.
+        """
         state_dict = dict(state_dict)
-        lifecycle = state_dict.pop("hpa", {"in_task": False, "tasks_completed": 0})
-        super().load_state_dict(state_dict)
+        for index, group in enumerate(state_dict["param_groups"]):
+            for key in sorted(set(group) - _GROUP_KEYS):
+                required = _ADAMW_GROUP_KEYS.get(key, "refuse")
+                if required == "refuse" or (required is not None and bool(group[key]) != required):
+                    raise ValueError(
+                        f"HPAOptimizer.load_state_dict: saved param group {index} sets {key}={group[key]!r}, "
+                        "which HPAOptimizer does not implement"
+                    )
+        # torch.distributed.checkpoint's get/set_optimizer_state_dict keep only "state" and
+        # "param_groups": without "hpa", a task is open iff a W_prev snapshot was saved.
+        lifecycle = state_dict.pop("hpa", None) or {
+            "in_task": any("hpa_prev" in saved for saved in state_dict["state"].values()),
+            "tasks_completed": self._tasks_completed,
+        }
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)
         by_id = dict(zip(saved_ids, params))
+        self._check_saved_state(state_dict["state"], by_id)  # before anything is loaded
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            for key in set(group) - _GROUP_KEYS:
+                del group[key]
+            for key, value in self.defaults.items():
+                if key in _GROUP_KEYS:
+                    group.setdefault(key, value)
         for saved_id, saved_state in state_dict["state"].items():
-            param = by_id[saved_id]
+            param = by_id.get(saved_id)
+            if param is None:
+                continue  # state of no parameter: torch keeps it as is
             for key, value in saved_state.items():
+                if key == "step" and not isinstance(value, Tensor):
+                    value = torch.tensor(float(value), dtype=torch.float32)
                 if isinstance(value, Tensor):
-                    # torch's loader casts floating state to the parameter's dtype; undo that.
-                    self.state[param][key] = value.to(device=param.device)
+                    # torch's loader casts floating state to the parameter's dtype; undo that, and copy.
+                    widen = key in ("exp_avg", "exp_avg_sq", "step") and value.dtype in (*_LOW_PRECISION, torch.int64)
+                    dtype = torch.float32 if widen else value.dtype
+                    self.state[param][key] = value.to(device=param.device, dtype=dtype, copy=True)
         self._in_task = bool(lifecycle["in_task"])
         self._tasks_completed = int(lifecycle["tasks_completed"])
+        self._online_steps = int(lifecycle.get("online_steps", 0))
+        self._edited = {name: LayerReport(**report) for name, report in lifecycle.get("edited", {}).items()}
+
+    def _check_saved_state(self, saved: Mapping[Any, Mapping[str, Any]], by_id: Mapping[Any, Tensor]) -> None:
+        for saved_id, saved_state in saved.items():
+            param = by_id.get(saved_id)
+            if param is None:
+                continue
+            label = self._param_names.get(id(param), f"parameter {saved_id}")
+            for key, value in saved_state.items():
+                if key in _PARAM_SHAPED_STATE and isinstance(value, Tensor) and value.shape != param.shape:
+                    raise ValueError(
+                        f"HPAOptimizer.load_state_dict: state {key!r} of {label!r} has shape {tuple(value.shape)}, "
+                        f"the parameter {tuple(param.shape)} (a state dict of another model?)"
+                    )
+                if key == "hpa_hinv_safety" and isinstance(value, Tensor) and value.shape != param.shape[1:]:
+                    raise ValueError(
+                        f"HPAOptimizer.load_state_dict: state {key!r} of {label!r} has shape {tuple(value.shape)}, "
+                        f"expected {tuple(param.shape[1:])}"
+                    )
 
     @property
     def in_task(self) -> bool:
@@ -206,16 +370,42 @@ class HPAOptimizer(Optimizer):
 
     # ------------------------------------------------------------------ the AdamW step
 
+    def _param_label(self, group_index: int, index: int, p: Tensor) -> str:
+        group = self.param_groups[group_index]
+        names = group.get("param_names")
+        name = names[index] if names else self._param_names.get(id(p))
+        where = f"parameter {index} of param group {group_index}" + (f" {group['name']!r}" if "name" in group else "")
+        return f"{name!r} ({where}, shape {tuple(p.shape)})" if name else f"{where}, shape {tuple(p.shape)}"
+
     def _check_grads(self) -> None:
+        """Every parameter with a gradient can be stepped: raises before any state changes (case 9)."""
+        backends: dict[torch.device, str] = {}
         for group_index, group in enumerate(self.param_groups):
             for index, p in enumerate(group["params"]):
-                if p.grad is not None and p.grad.is_sparse:
+                grad = p.grad
+                if grad is None:
+                    continue
+                if grad.layout != torch.strided:
                     raise TypeError(
-                        f"HPAOptimizer does not support sparse gradients (parameter {index} of param group "
-                        f"{group_index}{' ' + repr(group['name']) if 'name' in group else ''}, shape {tuple(p.shape)})"
+                        f"HPAOptimizer does not support sparse gradients ({grad.layout}): "
+                        f"{self._param_label(group_index, index, p)}"
+                    )
+                if p.is_complex() or grad.is_complex():
+                    raise TypeError(
+                        f"HPAOptimizer does not support complex tensors: {self._param_label(group_index, index, p)}"
+                    )
+                if p.device not in backends:
+                    backends[p.device] = ops.resolve_backend(self.backend, p.device)
+                if p.dtype not in _KERNEL_DTYPES and not (p.dtype == torch.float64 and backends[p.device] == "torch"):
+                    raise TypeError(
+                        f"HPAOptimizer: the {backends[p.device]!r} backend steps float32, bfloat16 and float16 "
+                        f"parameters (float64 only with backend='torch'); {self._param_label(group_index, index, p)} "
+                        f"is {p.dtype}"
                     )
 
-    def _init_group(self, group: dict[str, Any]) -> tuple[list[Tensor], ...]:
+    def _init_group(self, group: dict[str, Any], skip: frozenset[int] = frozenset()) -> tuple[list[Tensor], ...]:
+        """State of every parameter with a gradient (created on first use); the lists the kernels
+        take, without the parameters in ``skip`` (ids of weights the online step handles)."""
         params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
         for p in group["params"]:
             if p.grad is None:
@@ -223,18 +413,32 @@ class HPAOptimizer(Optimizer):
             state = self.state[p]
             if "step" not in state:
                 state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-            params.append(p)
-            grads.append(p.grad)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
+                # fp32 moments; float64 parameters (backend "torch" only) keep float64 ones.
+                moments = torch.float64 if p.dtype == torch.float64 else torch.float32
+                state["exp_avg"] = torch.zeros_like(p, dtype=moments, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=moments, memory_format=torch.preserve_format)
+            if group.get("master_weights") and p.dtype in _LOW_PRECISION and "master_param" not in state:
+                state["master_param"] = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
+            if id(p) in skip:
+                continue
+            master = state.get("master_param")
+            # DTensor (FSDP2) parameters: AdamW is elementwise, each rank steps its own shard.
+            # With a master copy, the step updates it (fp32 gradient, as the kernels' contract) and
+            # the parameter receives its rounding in step().
+            params.append(distributed.local_tensor(p if master is None else master))
+            grads.append(distributed.local_tensor(p.grad if master is None else p.grad.float()))
+            exp_avgs.append(distributed.local_tensor(state["exp_avg"]))
+            exp_avg_sqs.append(distributed.local_tensor(state["exp_avg_sq"]))
             steps.append(state["step"])
         return params, grads, exp_avgs, exp_avg_sqs, steps
 
+    @torch._disable_dynamo  # deliberate: see "torch.compile" in the class docstring
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
-        """One AdamW step over every parameter with a gradient.
+        """One AdamW step over every parameter with a gradient (a parameter whose ``grad`` is
+        ``None`` is not touched: no decay, no state change). Under ``torch.amp.GradScaler``
+        gradients are unscaled here, once (not again after ``scaler.unscale_``), and a step with
+        an inf/NaN gradient changes nothing.
 
         Args:
             closure: re-evaluates the model and returns the loss; called under ``torch.enable_grad()``.
@@ -243,16 +447,18 @@ class HPAOptimizer(Optimizer):
             The closure's loss, or ``None``.
 
         Raises:
-            TypeError: a sparse gradient (before any state changes).
+            TypeError: a sparse or complex gradient, or a parameter dtype the backend cannot step,
+                naming the parameter (before any state changes).
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         self._check_grads()  # every check before any state changes
-        gathered = [self._init_group(group) for group in self.param_groups]
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        online = self._online_weights()
+        gathered = [self._init_group(group, frozenset(online)) for group in self.param_groups]
         for group, (params, grads, exp_avgs, exp_avg_sqs, steps) in zip(self.param_groups, gathered):
             if not params:
                 continue
@@ -273,7 +479,91 @@ class HPAOptimizer(Optimizer):
                 found_inf=found_inf,
                 backend=self.backend,
             )
+            for p in group["params"]:
+                master = self.state[p].get("master_param") if p.grad is not None else None
+                if master is not None:
+                    p.copy_(master)  # the parameter is the rounding of its fp32 master copy
+        if online:
+            self._online_step(online, grad_scale, found_inf)
         return loss
+
+    def _online_weights(self) -> dict[int, tuple[str, dict[str, Any]]]:
+        """``{id(weight): (layer name, param group)}`` of the managed weights with a gradient that
+        the online step handles: only with ``HPAConfig(online=True)``, inside a task."""
+        if not (self.hpa.enabled and self.hpa.online and self._in_task):
+            return {}
+        group_of = {id(p): group for group in self.param_groups for p in group["params"]}
+        return {
+            id(layer.module.weight): (name, group_of[id(layer.module.weight)])
+            for name, layer in self.hpa_layers.items()
+            if layer.module.weight.grad is not None
+        }
+
+    def _online_step(
+        self, online: Mapping[int, tuple[str, dict[str, Any]]], grad_scale: Tensor | None, found_inf: Tensor | None
+    ) -> None:
+        """The online HPA step of each managed weight (``ops.online_step``, DESIGN.md § Kernels):
+        AdamW, then the retained columns back to W_prev and ΔW made orthogonal to W_prev; every
+        ``refresh_every`` steps a new column mask from the accumulated update energies."""
+        for name, group in online.values():
+            weight = self.hpa_layers[name].module.weight
+            state = self.state[weight]
+            working = self._working_weight(weight)
+            beta1, beta2 = group["betas"]
+            ops.online_step(
+                working,
+                weight.grad if working.dtype == weight.dtype else weight.grad.float(),
+                state["exp_avg"],
+                state["exp_avg_sq"],
+                state["step"],
+                self._snapshot(weight),
+                state["hpa_mask"],
+                state["hpa_col_energy"],
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                maximize=group["maximize"],
+                grad_scale=grad_scale,
+                found_inf=found_inf,
+                orthogonal=self.hpa.orthogonal,
+                backend=self.backend,
+            )
+            if "master_param" in state:
+                weight.detach().copy_(working)  # master weights: the parameter is the rounding
+        if found_inf is not None and bool(found_inf.item()):
+            return  # a skipped step does not count towards the refresh (one host sync, online mode only)
+        self._online_steps += 1
+        if self.hpa.refresh_every and self._online_steps % self.hpa.refresh_every == 0:
+            self._refresh_masks()
+
+    def _refresh_masks(self) -> None:
+        """New retained columns for the online step. [decision] Mid-task only the safety statistics
+        exist (the task Hessian is collected after the task), so the refresh retains the top
+        ``floor(p_l·c + 0.5)`` columns by ε̄_j = E_j / (r·hinv_s[j]), E_j the energy of the
+        attempted (unconstrained) updates of column j since the last refresh; E is then reset.
+        Newly retained columns return to W_prev at once and ΔW is re-projected, so the online
+        invariants hold after the refresh too."""
+        for layer in self.hpa_layers.values():
+            weight = layer.module.weight
+            state = self.state[weight]
+            rows, columns = weight.shape
+            eps_bar = state["hpa_col_energy"] / (max(rows, 1) * state["hpa_hinv_safety"])
+            mask = torch.zeros(columns, dtype=torch.bool, device=eps_bar.device)
+            mask[top_columns(eps_bar, count_columns(layer.retain_ratio, columns))] = True
+            state["hpa_mask"].copy_(mask)
+            state["hpa_col_energy"].zero_()
+            # The invariants hold from here on, not only after the next step: newly retained columns
+            # go back to W_prev and the rest of ΔW is re-projected (c' over the free columns).
+            prev, working = self._snapshot(weight), self._working_weight(weight)
+            free_prev = prev.double()[:, ~mask]
+            norm_sq = float(free_prev.square().sum())
+            dot = float(((working.double()[:, ~mask] - free_prev) * free_prev).sum())
+            coef = dot / norm_sq if self.hpa.orthogonal and norm_sq > 0.0 else 0.0
+            working.copy_(ops.hpa_apply(prev, working, mask, coef, backend=self.backend))
+            if "master_param" in state:
+                weight.detach().copy_(working)
 
     # ------------------------------------------------------------------ the HPA task lifecycle
 
@@ -312,19 +602,33 @@ class HPAOptimizer(Optimizer):
 
         Raises:
             RuntimeError: a task is already open.
-            ValueError: a missing layer, a wrong length, NaN/Inf or non-positive entries, or a
-                non-finite weight. Nothing is stored when it raises.
+            ValueError: a missing layer, a wrong length, NaN/Inf or non-positive entries, a
+                non-finite weight, or online mode on a LoRA or sharded layer. Nothing is stored
+                when it raises.
         """
         if self._in_task:
             raise RuntimeError("HPAOptimizer.begin_task: a task is already open; call end_task first")
         if self.hpa.enabled:
             checked = self._check_statistics("safety_hessians", safety_hessians)
             self._check_weights_finite()
+            for name, layer in self.hpa_layers.items() if self.hpa.online else ():
+                if layer.adapter is not None or distributed.is_sharded(layer.module.weight):
+                    raise ValueError(
+                        f"HPAOptimizer.begin_task: online mode supports neither LoRA adapters nor sharded (DTensor) "
+                        f"weights, and {name!r} is one; use HPAConfig(online=False)"
+                    )
             for name, layer in self.hpa_layers.items():
                 weight = layer.module.weight
                 state = self.state[weight]
-                state["hpa_prev"] = weight.detach().clone(memory_format=torch.contiguous_format)
+                if layer.adapter is not None:  # PEFT LoRA: W_prev is the merged weight
+                    state["hpa_prev"] = adapters.merged_weight(layer.adapter, weight)
+                else:  # the fp32 master copy when there is one (master weights)
+                    state["hpa_prev"] = self._working_weight(weight).clone(memory_format=torch.contiguous_format)
                 state["hpa_hinv_safety"] = checked[name].detach().to(device=weight.device, dtype=torch.float32).clone()
+                if self.hpa.online:  # online mode: no column retained until the first refresh
+                    state["hpa_mask"] = torch.zeros(weight.shape[1], dtype=torch.bool, device=weight.device)
+                    state["hpa_col_energy"] = torch.zeros(weight.shape[1], dtype=torch.float32, device=weight.device)
+        self._online_steps = 0
         self._in_task = True
 
     @torch.no_grad()
@@ -333,7 +637,13 @@ class HPAOptimizer(Optimizer):
 
         Every input is checked and every layer's selection computed before the first write; each
         layer is then written whole (computed aside, copied in), so a failure leaves every layer
-        either fully edited or untouched (:class:`HPAEditError` says which).
+        either fully edited or untouched (:class:`HPAEditError` says which). The task then stays
+        open: calling ``end_task`` again with the same statistics edits the untouched layers only
+        (an edited layer is never edited twice) and returns the reports of all of them.
+
+        With master weights the edit acts on the fp32 copy and the parameter receives its rounding;
+        a snapshot of another dtype (loaded from a checkpoint of another set-up) is cast to the
+        working weight's dtype for the edit, so retained columns are W_prev in that dtype.
 
         Args:
             task_hessians: ``{name: hinv_t}`` (``HessianCollector.hinv()`` on the task set, on
@@ -344,8 +654,10 @@ class HPAOptimizer(Optimizer):
 
         Raises:
             RuntimeError: no task is open.
-            ValueError: missing, mis-shaped, non-finite or non-positive statistics, or a
-                non-finite weight; no weight changes.
+            ValueError: missing, mis-shaped, non-finite or non-positive statistics, a non-finite
+                weight or snapshot, a snapshot whose shape does not fit its weight, or an update
+                whose projection overflows (the layer is named); no weight changes.
+            RuntimeError: a lost snapshot or statistics (the layer is named); no weight changes.
             HPAEditError: a failure while writing.
         """
         if not self._in_task:
@@ -355,64 +667,124 @@ class HPAOptimizer(Optimizer):
             self._tasks_completed += 1
             return {}
         checked = self._check_statistics("task_hessians", task_hessians)
-        self._check_weights_finite()
+        # Non-finite weights are caught by each layer's plan below (on the reduce's outputs).
         for name, layer in self.hpa_layers.items():
-            if "hpa_prev" not in self.state[layer.module.weight]:
-                raise RuntimeError(f"HPAOptimizer.end_task: no W_prev snapshot for {name!r} (state lost?)")
-        plans: dict[str, LayerPlan] = {}
-        for name, layer in self.hpa_layers.items():
-            weight = layer.module.weight
-            state = self.state[weight]
-            plans[name] = plan_layer_update(
-                state["hpa_prev"],
-                weight.detach(),
-                state["hpa_hinv_safety"],
-                checked[name].to(device=weight.device, dtype=torch.float32),
+            state = self.state[layer.module.weight]
+            if "hpa_prev" not in state or "hpa_hinv_safety" not in state:
+                raise RuntimeError(
+                    f"HPAOptimizer.end_task: no W_prev snapshot or safety statistics for {name!r} (state lost?)"
+                )
+        todo = {name: layer for name, layer in self.hpa_layers.items() if name not in self._edited}
+        for layer in todo.values():
+            if layer.adapter is not None:  # PEFT LoRA: W_new = W + scale·BA, fresh adapters after
+                for param in adapters.merge_and_reset(layer.adapter, layer.module.weight):
+                    self.state.pop(param, None)
+        sharded = {  # FSDP2 / DTensor weights: one all-reduce of the column sums (hpa_kernels.distributed)
+            name: (
+                self._snapshot(layer.module.weight),
+                self._working_weight(layer.module.weight),
+                self.state[layer.module.weight]["hpa_hinv_safety"],
+                checked[name],
                 layer.retain_ratio,
+            )
+            for name, layer in todo.items()
+            if distributed.is_sharded(layer.module.weight)
+        }
+        sharded_plans = (
+            distributed.plan_sharded_layers(
+                sharded,
                 alpha_bounds=self.hpa.alpha_bounds,
                 focus_multiplier=self.hpa.focus_multiplier,
                 orthogonal=self.hpa.orthogonal,
                 mode=self.hpa.selection,
                 backend=self.backend,
             )
+            if sharded
+            else {}
+        )
+        plans: dict[str, LayerPlan] = {}
+        for name, layer in todo.items():
+            if name in sharded_plans:
+                plans[name] = sharded_plans[name]
+                continue
+            weight = layer.module.weight
+            try:
+                plans[name] = plan_layer_update(
+                    self._snapshot(weight),
+                    self._working_weight(weight),
+                    self.state[weight]["hpa_hinv_safety"],
+                    checked[name].to(device=weight.device, dtype=torch.float32),
+                    layer.retain_ratio,
+                    alpha_bounds=self.hpa.alpha_bounds,
+                    focus_multiplier=self.hpa.focus_multiplier,
+                    orthogonal=self.hpa.orthogonal,
+                    mode=self.hpa.selection,
+                    backend=self.backend,
+                )
+            except ValueError as error:
+                raise ValueError(f"HPAOptimizer.end_task: managed layer {name!r}: {error}") from error
+        for name, plan in plans.items():
+            if not math.isfinite(plan.coef):
+                raise ValueError(f"HPAOptimizer.end_task: managed layer {name!r}: the projection coefficient overflows")
         self._write(plans)
         for layer in self.hpa_layers.values():
             state = self.state[layer.module.weight]
-            del state["hpa_prev"], state["hpa_hinv_safety"]
+            for key in ("hpa_prev", "hpa_hinv_safety", "hpa_mask", "hpa_col_energy"):
+                state.pop(key, None)
+        reports = {name: self._edited[name] for name in self.hpa_layers}
+        self._edited = {}
         self._in_task = False
         self._tasks_completed += 1
-        return {
-            name: LayerReport(
-                retain_ratio=layer.retain_ratio,
-                alpha=update.alpha,
-                num_safety=update.num_safety,
-                num_task=update.num_task,
-                num_shared=update.num_shared,
-                num_retained=update.num_retained,
-                num_columns=layer.module.in_features,
-                coef=update.coef,
-            )
-            for (name, layer), update in zip(self.hpa_layers.items(), plans.values())
-        }
+        return reports
+
+    def _working_weight(self, weight: Tensor) -> Tensor:
+        """The tensor steps update for ``weight``: its fp32 master copy, or the weight itself (detached)."""
+        master = self.state[weight].get("master_param") if weight in self.state else None
+        return weight.detach() if master is None else master
+
+    def _snapshot(self, weight: Tensor) -> Tensor:
+        """W_prev of ``weight`` in the working weight's dtype (a snapshot loaded from another set-up
+        keeps its dtype in the state; the edit casts it)."""
+        prev = self.state[weight]["hpa_prev"]
+        dtype = self._working_weight(weight).dtype
+        return prev if prev.dtype == dtype else prev.to(dtype)
 
     def _write(self, plans: Mapping[str, LayerPlan]) -> None:
-        """Step 3's write, layer by layer: Ŵ is computed aside and copied in whole, so that a
-        failure leaves each layer fully edited or untouched (one layer's copy at a time)."""
-        edited: list[str] = []
+        """Step 3's write, layer by layer: Ŵ is computed aside and copied in whole (into the master
+        copy and the parameter), so that a failure leaves each layer fully edited or untouched.
+        Each written layer is recorded in ``self._edited`` at once, so a retry never edits it twice."""
         for name, plan in plans.items():
-            weight = self.hpa_layers[name].module.weight.detach()
+            layer = self.hpa_layers[name]
+            param = layer.module.weight
+            working = self._working_weight(param)
             try:
                 edited_weight = ops.hpa_apply(
-                    self.state[self.hpa_layers[name].module.weight]["hpa_prev"],
-                    weight,
+                    distributed.local_tensor(self._snapshot(param)),
+                    distributed.local_tensor(working),  # a rank's own rows
                     plan.mask,
                     plan.coef,
                     backend=self.backend,
                 )
-                weight.copy_(edited_weight)
+                rounded = None if working.dtype == param.dtype else edited_weight.to(param.dtype)
+                distributed.local_tensor(working).copy_(edited_weight)
+                if rounded is not None:  # master weights: the parameter is the rounding of Ŵ
+                    distributed.local_tensor(param.detach()).copy_(rounded)
             except Exception as error:
-                untouched = [n for n in plans if n not in edited]
+                edited = [n for n in self.hpa_layers if n in self._edited]
+                untouched = [n for n in self.hpa_layers if n not in self._edited]
                 raise HPAEditError(
-                    f"HPAOptimizer.end_task failed writing {name!r}: {error}", edited, untouched
+                    f"HPAOptimizer.end_task failed writing {name!r}: {error}; the task stays open, call "
+                    "end_task again with the same statistics to edit the untouched layers",
+                    edited,
+                    untouched,
                 ) from error
-            edited.append(name)
+            self._edited[name] = LayerReport(
+                retain_ratio=layer.retain_ratio,
+                alpha=plan.alpha,
+                num_safety=plan.num_safety,
+                num_task=plan.num_task,
+                num_shared=plan.num_shared,
+                num_retained=plan.num_retained,
+                num_columns=layer.module.in_features,
+                coef=plan.coef,
+            )

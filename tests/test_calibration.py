@@ -91,3 +91,117 @@ def test_unknown_or_non_linear_layer_is_refused():
         HessianCollector(model, ["1"])
     with pytest.raises(ValueError, match="not an nn.Linear"):
         HessianCollector(model, ["missing"])
+
+
+class _PoolThenHead(nn.Module):
+    """``first`` reads (B, T, c) tokens, ``second`` the pooled (B, c'): a (B, T) mask fits only
+    the first, so a masked pass fails half-way through."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(3, 4)
+        self.second = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor, fail: bool = False) -> torch.Tensor:
+        h = self.first(x)
+        if fail:
+            raise RuntimeError("simulated failure inside the forward")
+        return self.second(h.mean(dim=1))
+
+
+@pytest.mark.parametrize("failure", ["mask", "exception"])
+def test_a_failing_forward_counts_for_no_layer(failure):
+    """Nothing half-counted: a forward that raises after some layers saw their input (a mask that
+    fits one layer and not the next, or any exception) leaves every layer's statistics as they
+    were; the following passes count whole."""
+    torch.manual_seed(0)
+    model = _PoolThenHead()
+    x = torch.randn(2, 5, 3)
+    with HessianCollector(model, ["first", "second"]) as collector:
+        model(x)
+        before = {name: (collector.num_tokens(name), collector.hessian(name).clone()) for name in ("first", "second")}
+        if failure == "mask":
+            collector.set_attention_mask(torch.ones(2, 5))
+            with pytest.raises(ValueError, match="'second'"):
+                model(x)
+            collector.set_attention_mask(None)
+        else:
+            with pytest.raises(RuntimeError, match="simulated"):
+                model(x, fail=True)
+        for name, (tokens, hessian) in before.items():
+            assert collector.num_tokens(name) == tokens and torch.equal(collector.hessian(name), hessian), name
+        model(x)
+    assert collector.num_tokens("first") == 20 and collector.num_tokens("second") == 4
+    assert torch.equal(collector.hessian("first"), before["first"][1])  # the same input twice: same H
+
+
+def test_layer_called_outside_a_model_forward_still_counts():
+    model = _PoolThenHead()
+    with HessianCollector(model, ["first"]) as collector:
+        model.first(torch.randn(2, 5, 3))
+    assert collector.num_tokens("first") == 10
+
+
+@pytest.mark.parametrize(
+    "mask_shape,input_shape",
+    [((2, 6), (2, 5, 3)), ((5,), (2, 5, 3)), ((5, 2), (2, 5, 3)), ((2, 5), (9, 3))],
+    ids=["long", "1-d", "transposed", "flat-mismatch"],
+)
+def test_mask_of_the_wrong_shape_names_the_layer_and_shapes(mask_shape, input_shape):
+    model = nn.Sequential(nn.Linear(3, 2))
+    with HessianCollector(model, ["0"]) as collector:
+        collector.set_attention_mask(torch.ones(mask_shape))
+        with pytest.raises(ValueError, match=r"mask of shape .* input of '0'"):
+            model(torch.randn(input_shape))
+    assert collector.num_tokens("0") == 0
+
+
+def test_flattened_inputs_match_the_flattened_mask():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 2))
+    x = torch.randn(6, 3)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    with HessianCollector(model, ["0"]) as collector:
+        collector.set_attention_mask(mask)
+        model(x)
+    rows = x[mask.reshape(-1).bool()]
+    assert collector.num_tokens("0") == 3
+    torch.testing.assert_close(collector.hessian("0"), 2.0 / 3 * rows.T @ rows)
+
+
+def test_layer_skipped_by_the_forward_is_named():
+    """A layer the forward never reached (a branch not taken) saw no tokens: a clear error."""
+    model = _PoolThenHead()
+    with HessianCollector(model, ["first", "second"]) as collector:
+        with pytest.raises(RuntimeError):
+            model(torch.randn(2, 5, 3), fail=True)
+    with pytest.raises(ValueError, match="'first' saw no tokens"):
+        collector.hinv()
+
+
+@pytest.mark.parametrize(
+    "scale,message",
+    [(0.0, "no non-zero input"), (float("inf"), "NaN or Inf"), (1e-21, "not representable in float32")],
+    ids=["dead", "inf", "tiny"],
+)
+def test_inputs_without_usable_signal_are_a_clear_error_never_nan(scale, message):
+    model = nn.Sequential(nn.Linear(4, 2))
+    with HessianCollector(model, ["0"]) as collector:
+        model(torch.ones(3, 4) * scale)
+    with pytest.raises(ValueError, match=f"layer '0'.*{message}"):
+        collector.hinv()
+
+
+def test_rank_deficient_h_falls_back_to_the_documented_damping():
+    """Two tokens, 32 columns, one column never active: H is singular; the damping λ = 0.01·mean(diag H)
+    keeps diag((H + λI)⁻¹) finite and positive, and the dead column gets exactly 1/λ."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 4))
+    x = torch.randn(2, 32)
+    x[:, 7] = 0.0
+    with HessianCollector(model, ["0"]) as collector:
+        model(x)
+    hinv = collector.hinv()["0"]
+    lam = 0.01 * float(collector.hessian("0").double().diagonal().mean())
+    assert torch.isfinite(hinv).all() and (hinv > 0).all()
+    assert float(hinv[7]) == pytest.approx(1.0 / lam, rel=1e-6)

@@ -212,3 +212,27 @@ def test_hpa_layer_update_rejects_bad_input(kwargs):
     args.update(kwargs)
     with pytest.raises(ValueError):
         F.hpa_layer_update(**args, retain_ratio=0.15)
+
+
+@pytest.mark.parametrize("damping", [0.0, -0.1, float("nan"), float("inf")])
+def test_hinv_diagonal_rejects_damping_that_is_not_finite_positive(damping):
+    """A NaN damping used to pass the ``damping <= 0`` check and return NaN."""
+    with pytest.raises(ValueError, match="finite damping > 0"):
+        F.hinv_diagonal(torch.eye(3), damping)
+
+
+def test_hinv_diagonal_refuses_what_float32_cannot_hold():
+    """Inputs of magnitude 1e-20: H ≈ 1e-40 is fine in float64, but diag(H⁻¹) ≈ 1e42 overflows
+    float32; a clear error, never an Inf that later checks would have to catch."""
+    with pytest.raises(ValueError, match="not representable in float32"):
+        F.hinv_diagonal(torch.eye(3, dtype=torch.float64) * 1e-40)
+
+
+def test_hpa_layer_update_overflowing_update_is_an_error_not_nan():
+    """An update whose squares overflow float32 scores: ValueError before any write, never NaN."""
+    w_prev = torch.zeros(3, 5)
+    w_new = torch.full((3, 5), 1e30)
+    out = torch.zeros(3, 5)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        F.hpa_layer_update(w_prev, w_new, torch.ones(5), torch.ones(5), 0.15, out=out)
+    assert torch.equal(out, torch.zeros(3, 5))

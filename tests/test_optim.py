@@ -30,7 +30,10 @@ def test_step_matches_torch_adamw(kwargs):
     train(reference, torch.optim.AdamW(reference.parameters(), **kwargs), batches)
     train(ours, HPAOptimizer(ours.parameters(), **kwargs), batches)
     for (name, a), b in zip(reference.named_parameters(), ours.parameters()):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7, msg=name)
+        # Relative to the tensor: 1e-5 of its norm. Elementwise, the compiled kernels order the fp32
+        # arithmetic differently from torch (a few ulps a step), hence atol 1e-6 for entries near 0.
+        assert float((b - a).norm() / a.norm()) <= 1e-5, name
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_param_groups_and_tensor_lr():
@@ -141,7 +144,10 @@ def test_end_task_equals_functional_edit_of_each_layer():
     report = optimizer.end_task(task)
     assert set(report) == set(optimizer.hpa_layers)
     for name, layer in optimizer.hpa_layers.items():
-        expected = hpa_layer_update(w_prev[name], w_new[name], safety[name], task[name], layer.retain_ratio)
+        backend = ops.resolve_backend(optimizer.backend, w_new[name].device)  # the same kernels: bit-equal
+        expected = hpa_layer_update(
+            w_prev[name], w_new[name], safety[name], task[name], layer.retain_ratio, backend=backend
+        )
         assert torch.equal(layer.module.weight, expected.weight), name
         assert report[name].num_retained == expected.num_retained
         assert report[name].coef == expected.coef and report[name].alpha == expected.alpha
@@ -317,3 +323,51 @@ def test_grad_scaler_skips_inf_step_on_cpu():
     assert all(torch.equal(a, b) for a, b in zip(after_one, model.parameters()))
     assert all(float(s["step"]) == 1.0 for s in optimizer.state.values())
     assert scaler.get_scale() == 2.0**3  # the scaler saw the skip and backed off
+
+
+@pytest.mark.parametrize("backend", ops.available_backends())
+def test_online_mode_keeps_its_invariants_after_every_step(backend):
+    """HPAConfig(online=True): after every step the retained columns equal W_prev bit for bit and
+    ΔW = W − W_prev is Frobenius-orthogonal to W_prev (DESIGN.md § Kernels, the online step)."""
+    torch.manual_seed(0)
+    model = TinyModel(width=20)
+    hpa = HPAConfig(online=True, refresh_every=3, p_max=0.3, p_min=0.2)
+    optimizer = HPAOptimizer.from_model(model, lr=1e-2, hpa=hpa, backend=backend)
+    optimizer.begin_task(calibrate(model, optimizer, random_batches(2, seed=40)))
+    w_prev = {name: layer.module.weight.detach().clone() for name, layer in optimizer.hpa_layers.items()}
+    retained_any = False
+    for tokens, labels in random_batches(9, seed=41):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(tokens), labels).backward()
+        optimizer.step()
+        for name, layer in optimizer.hpa_layers.items():
+            weight, mask = layer.module.weight.detach(), optimizer.state[layer.module.weight]["hpa_mask"]
+            assert torch.equal(weight[:, mask], w_prev[name][:, mask]), name
+            delta = (weight - w_prev[name]).double()
+            dot = float((delta * w_prev[name].double()).sum())
+            assert abs(dot) <= 1e-5 * float(delta.norm() * w_prev[name].double().norm()), name
+            retained_any |= bool(mask.any())
+    assert retained_any  # the refreshes did retain columns
+    masks = [optimizer.state[layer.module.weight]["hpa_mask"] for layer in optimizer.hpa_layers.values()]
+    assert [int(m.sum()) for m in masks[:3]] == [6] * 3  # floor(0.3·20 + 0.5) columns in block 0
+    report = optimizer.end_task(calibrate(model, optimizer, random_batches(2, seed=42)))
+    assert set(report) == set(optimizer.hpa_layers)
+    assert all("hpa_mask" not in state for state in optimizer.state.values())
+
+
+def test_online_mode_without_refresh_only_projects():
+    """refresh_every=0: no column is retained; each step keeps ΔW orthogonal to W_prev, and a plain
+    (offline) run of the same steps differs from it."""
+    torch.manual_seed(0)
+    model = TinyModel()
+    plain = copy.deepcopy(model)
+    optimizer = HPAOptimizer.from_model(model, lr=1e-2, hpa=HPAConfig(online=True))
+    plain_optimizer = HPAOptimizer.from_model(plain, lr=1e-2)
+    optimizer.begin_task(calibrate(model, optimizer, random_batches(2, seed=43)))
+    plain_optimizer.begin_task(calibrate(plain, plain_optimizer, random_batches(2, seed=43)))
+    batches = random_batches(4, seed=44)
+    train(model, optimizer, batches)
+    train(plain, plain_optimizer, batches)
+    weight = optimizer.hpa_layers["blocks.0.q"].module.weight
+    assert not optimizer.state[weight]["hpa_mask"].any()
+    assert not torch.equal(weight, plain_optimizer.hpa_layers["blocks.0.q"].module.weight)

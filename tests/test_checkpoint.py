@@ -1,0 +1,186 @@
+"""Checkpoint-level HPA: ``hpa-calibrate`` and ``hpa-adjust`` against the in-memory lifecycle,
+on a tiny Llama saved with ``save_pretrained`` (sharded and single-file), offline."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+from hpa_kernels import HPAOptimizer  # noqa: E402
+from hpa_kernels.checkpoint import (  # noqa: E402
+    adjust_main,
+    block_depths,
+    calibrate_main,
+    checkpoint_files,
+    load_hinv,
+    save_hinv,
+)
+from hpa_kernels.integrations import calibrate  # noqa: E402
+from hpa_kernels.layers import find_hpa_layers  # noqa: E402
+
+VOCAB = 40
+WORDS = [f"w{i}" for i in range(VOCAB - 1)]
+
+
+def tiny_llama() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+        tie_word_embeddings=False,
+    )
+    return transformers.LlamaForCausalLM(config)
+
+
+def word_tokenizer():
+    """A whitespace word-level tokenizer over WORDS, built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"[UNK]": 0, **{word: index + 1 for index, word in enumerate(WORDS)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
+
+
+def samples(count: int, seed: int, length: int = 6) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, VOCAB, (1, length), generator=generator) for _ in range(count)]
+
+
+def stored(directory) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for path in sorted(set(checkpoint_files(directory).values())):
+        tensors.update(safetensors_torch.load_file(str(path)))
+    return tensors
+
+
+@pytest.mark.parametrize("shard_after", [True, False], ids=["sharded", "single-file"])
+def test_adjust_equals_end_task(tmp_path, shard_after: bool) -> None:
+    """hpa-adjust on (before, after) checkpoints writes what end_task writes in memory, copies
+    every other tensor and file unchanged, and keeps the after checkpoint's layout."""
+    model = tiny_llama()
+    optimizer = HPAOptimizer.from_model(model, lr=2e-2, backend="torch")
+    safety, task = samples(3, seed=1), samples(3, seed=2)
+    as_batches = [{"input_ids": ids} for ids in safety], [{"input_ids": ids} for ids in task]
+    model.save_pretrained(tmp_path / "before", max_shard_size="20KB")  # before sharded, always
+    hinv_safety = calibrate(model, optimizer, as_batches[0])
+    optimizer.begin_task(hinv_safety)
+    for ids in samples(4, seed=3):
+        optimizer.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+    model.save_pretrained(tmp_path / "after", max_shard_size="20KB" if shard_after else "10GB")
+    (tmp_path / "after" / "notes.txt").write_text("kept as is")
+    hinv_task = calibrate(model, optimizer, as_batches[1])
+    save_hinv(hinv_safety, tmp_path / "safety.safetensors")
+    save_hinv(hinv_task, tmp_path / "task.safetensors")
+    optimizer.end_task(hinv_task)
+    edited = {f"{name}.weight": layer.module.weight.detach() for name, layer in optimizer.hpa_layers.items()}
+
+    argv = ["--before", "before", "--after", "after", "--safety", "safety.safetensors", "--task", "task.safetensors"]
+    argv = [str(tmp_path / a) if not a.startswith("--") else a for a in argv]
+    assert adjust_main([*argv, "--out", str(tmp_path / "out"), "--backend", "torch"]) == 0
+
+    after_files, out_files = checkpoint_files(tmp_path / "after"), checkpoint_files(tmp_path / "out")
+    assert {n: p.name for n, p in out_files.items()} == {n: p.name for n, p in after_files.items()}
+    assert len(set(after_files.values())) > 1 if shard_after else len(set(after_files.values())) == 1
+    after, out = stored(tmp_path / "after"), stored(tmp_path / "out")
+    assert set(out) == set(after) and set(edited) < set(out)
+    for name, tensor in out.items():
+        if name in edited:
+            torch.testing.assert_close(tensor, edited[name], rtol=0, atol=1e-6, msg=name)
+        else:
+            assert torch.equal(tensor, after[name]), name
+    for path in (tmp_path / "after").iterdir():
+        if path.suffix != ".safetensors":
+            assert (tmp_path / "out" / path.name).read_bytes() == path.read_bytes(), path.name
+
+
+def test_depth_from_tensor_names_matches_the_model() -> None:
+    """The [decision] depth mapping of bare checkpoints gives find_hpa_layers' blocks."""
+    model = tiny_llama()
+    layers = find_hpa_layers(model)
+    depths = block_depths([f"{name}.weight" for name in layers], model.state_dict())
+    for name, layer in layers.items():
+        assert depths[f"{name}.weight"] == (layer.block, layer.num_blocks)
+    assert block_depths(["lm_head.weight"]) == {"lm_head.weight": (None, 1)}
+    assert block_depths(["encoder.layer.3.attention.q.weight", "encoder.layer.0.out.weight"])[
+        "encoder.layer.3.attention.q.weight"
+    ] == (3, 4)
+
+
+def test_calibrate_cli_equals_the_collector(tmp_path) -> None:
+    """hpa-calibrate on a JSONL set (token ids, and text through the model's tokenizer) writes the
+    hinv vectors HessianCollector gives in memory, keyed by weight tensor name."""
+    model = tiny_llama()
+    model.save_pretrained(tmp_path / "model")
+    tokenizer = word_tokenizer()
+    tokenizer.save_pretrained(tmp_path / "model")
+    ids = samples(4, seed=5)
+    (tmp_path / "ids.jsonl").write_text("".join(json.dumps({"input_ids": s[0].tolist()}) + "\n" for s in ids))
+    texts = [" ".join(WORDS[i - 1] for i in s[0].tolist()) for s in ids]
+    (tmp_path / "text.jsonl").write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+
+    optimizer = HPAOptimizer.from_model(model)
+    expected = calibrate(model, optimizer, [{"input_ids": s} for s in ids])
+    for data, extra in (("ids.jsonl", []), ("text.jsonl", ["--field", "prompt"])):
+        out = tmp_path / f"{data}.safetensors"
+        model_dir = str(tmp_path / "model")
+        assert calibrate_main(["--model", model_dir, "--data", str(tmp_path / data), "--out", str(out), *extra]) == 0
+        written = load_hinv(out)
+        assert set(written) == {f"{name}.weight" for name in expected}
+        for name, vec in expected.items():
+            torch.testing.assert_close(written[f"{name}.weight"], vec, rtol=1e-5, atol=0, msg=name)
+
+
+def test_adjust_streams_bf16_tensors_and_checks_before_writing(tmp_path) -> None:
+    """A hand-written bf16 checkpoint: each named tensor gets the functional edit with the depth of
+    its name, the rest stays bit-equal; bad inputs fail before ``out`` is created."""
+    from hpa_kernels import functional
+    from hpa_kernels.checkpoint import adjust_checkpoint
+
+    generator = torch.Generator().manual_seed(0)
+    names = [f"blocks.{i}.proj.weight" for i in range(3)]
+    before = {name: torch.randn(5, 7, generator=generator).bfloat16() for name in names}
+    before["embed.weight"] = torch.randn(4, 7, generator=generator).bfloat16()
+    after = {
+        name: (t.float() + 0.1 * torch.randn(t.shape, generator=generator)).bfloat16() for name, t in before.items()
+    }
+    for directory, tensors in (("before", before), ("after", after)):
+        (tmp_path / directory).mkdir()
+        safetensors_torch.save_file(tensors, str(tmp_path / directory / "model.safetensors"), metadata={"format": "pt"})
+    hinv_s = {name: torch.rand(7, generator=generator) + 0.5 for name in names}
+    hinv_t = {name: torch.rand(7, generator=generator) + 0.5 for name in names}
+
+    with pytest.raises(ValueError, match="different tensors"):
+        adjust_checkpoint(tmp_path / "before", tmp_path / "after", hinv_s, {names[0]: hinv_t[names[0]]}, tmp_path / "x")
+    with pytest.raises(ValueError, match=r"must be \(7,\)"):
+        adjust_checkpoint(
+            tmp_path / "before", tmp_path / "after", hinv_s, {**hinv_t, names[1]: -hinv_t[names[1]]}, tmp_path / "x"
+        )
+    assert not (tmp_path / "x").exists()
+
+    reports = adjust_checkpoint(
+        tmp_path / "before", tmp_path / "after", hinv_s, hinv_t, tmp_path / "out", backend="torch"
+    )
+    out = safetensors_torch.load_file(str(tmp_path / "out" / "model.safetensors"))
+    ratios = functional.retention_schedule(3)
+    for block, name in enumerate(names):
+        expected = functional.hpa_layer_update(
+            before[name], after[name], hinv_s[name], hinv_t[name], ratios[block], backend="torch"
+        )
+        assert out[name].dtype == torch.bfloat16 and torch.equal(out[name], expected.weight), name
+        assert reports[name].retain_ratio == ratios[block]
+    assert torch.equal(out["embed.weight"], after["embed.weight"])
+    with pytest.raises(FileExistsError):
+        adjust_checkpoint(tmp_path / "before", tmp_path / "after", hinv_s, hinv_t, tmp_path / "out")
