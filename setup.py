@@ -136,6 +136,15 @@ class BuildExt(build_ext):
             return list(pool.map(compile_one, sources))
 
 
+def _cpu_math_flags() -> list[str]:
+    """Flags that let the CPU loops vectorise without changing any result (no -ffast-math): sqrtf
+    need not set errno, FP ops may be if-converted (no trap semantics), and no a*b+c contraction
+    (the AVX2 and baseline paths of csrc/include/hpa/isa.h round alike)."""
+    if sys.platform == "win32":
+        return []
+    return ["-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off"]
+
+
 def _extensions() -> list[Pybind11Extension]:
     omp = _openmp_flags()
     exts = [
@@ -143,7 +152,7 @@ def _extensions() -> list[Pybind11Extension]:
             "hpa_kernels._C",
             CPU_SOURCES,
             include_dirs=list(INCLUDE),
-            extra_compile_args=["-O3", *omp],
+            extra_compile_args=["-O3", *_cpu_math_flags(), *omp],
             extra_link_args=omp,
             cxx_std=17,
         )

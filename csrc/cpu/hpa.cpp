@@ -3,10 +3,13 @@
 // keeps its own fp32 column partials, summed in double in a fixed order, so a run is deterministic
 // for a given thread count.
 #include <algorithm>
+#include <atomic>
+#include <memory>
 #include <stdexcept>
 #include <vector>
 
 #include "hpa/cpu.h"
+#include "hpa/isa.h"
 
 namespace hpa {
 namespace cpu {
@@ -29,6 +32,173 @@ Tiling tile(int64_t r, int64_t c) {
   return t;
 }
 
+// ---- Vectorised inner loops, each instantiated for AVX2 and the baseline ISA (hpa/isa.h).
+
+// Reduce, unit column stride: columns [j0, j1) of one row pair.
+template <int D>
+HPA_ALWAYS_INLINE void reduce_seg(const typename Storage<D>::Raw* __restrict pr,
+                                  const typename Storage<D>::Raw* __restrict nr, float* __restrict acc, int64_t j0,
+                                  int64_t j1, float* dot_out, float* norm_out) {
+  using S = Storage<D>;
+  float rdot = 0.0f, rnorm = 0.0f;
+#pragma omp simd reduction(+ : rdot, rnorm)
+  for (int64_t j = j0; j < j1; ++j) {
+    const float w = S::load(pr[j]);
+    const float d = S::load(nr[j]) - w;
+    acc[j] += d * d;
+    rdot += d * w;
+    rnorm += w * w;
+  }
+  *dot_out = rdot;
+  *norm_out = rnorm;
+}
+
+template <int D>
+using ReduceSegFn = void (*)(const typename Storage<D>::Raw*, const typename Storage<D>::Raw*, float*, int64_t,
+                             int64_t, float*, float*);
+template <int D>
+HPA_TARGET_AVX2 void reduce_seg_avx2(const typename Storage<D>::Raw* pr, const typename Storage<D>::Raw* nr,
+                                     float* acc, int64_t j0, int64_t j1, float* dot, float* norm) {
+  reduce_seg<D>(pr, nr, acc, j0, j1, dot, norm);
+}
+template <int D>
+void reduce_seg_base(const typename Storage<D>::Raw* pr, const typename Storage<D>::Raw* nr, float* acc, int64_t j0,
+                     int64_t j1, float* dot, float* norm) {
+  reduce_seg<D>(pr, nr, acc, j0, j1, dot, norm);
+}
+
+// Apply, unit column stride: one row, out = mask ? prev : next - coef * prev. No __restrict: out
+// may be next itself (in place), element by element.
+template <int D>
+HPA_ALWAYS_INLINE void apply_row(const typename Storage<D>::Raw* pr, const typename Storage<D>::Raw* nr,
+                                 typename Storage<D>::Raw* orow, const uint8_t* mask, int64_t c, float coef) {
+  using S = Storage<D>;
+  using Raw = typename S::Raw;
+#pragma omp simd
+  for (int64_t j = 0; j < c; ++j) {
+    const Raw keep = pr[j];
+    const Raw moved = S::store(S::load(nr[j]) - coef * S::load(keep));
+    orow[j] = mask[j] ? keep : moved;  // retained columns: W_prev's raw bits
+  }
+}
+
+template <int D>
+using ApplyRowFn = void (*)(const typename Storage<D>::Raw*, const typename Storage<D>::Raw*,
+                            typename Storage<D>::Raw*, const uint8_t*, int64_t, float);
+template <int D>
+HPA_TARGET_AVX2 void apply_row_avx2(const typename Storage<D>::Raw* pr, const typename Storage<D>::Raw* nr,
+                                    typename Storage<D>::Raw* orow, const uint8_t* mask, int64_t c, float coef) {
+  apply_row<D>(pr, nr, orow, mask, c, coef);
+}
+template <int D>
+void apply_row_base(const typename Storage<D>::Raw* pr, const typename Storage<D>::Raw* nr,
+                    typename Storage<D>::Raw* orow, const uint8_t* mask, int64_t c, float coef) {
+  apply_row<D>(pr, nr, orow, mask, c, coef);
+}
+
+// Online step pass 1 on columns [j0, j1) of one row: AdamW, retained columns reset to W_prev,
+// column energies, and the row's <dW, W_prev> and ||W_prev (1 - M)||^2 terms.
+template <int D>
+struct OnlineRow {
+  typename Storage<D>::Raw* pr;
+  const typename Storage<D>::Raw* gr;
+  const typename Storage<D>::Raw* wr;
+  float* mr;
+  float* vr;
+  const uint8_t* mask;
+  float* acc;
+};
+
+template <int D, bool kScaled, bool kLowWeight>
+HPA_ALWAYS_INLINE void online_seg(const OnlineRow<D>& row, int64_t j0, int64_t j1, const AdamWStepConsts& kc,
+                                  float scale, float sign, float* dot_out, float* norm_out) {
+  using S = Storage<D>;
+  using Raw = typename S::Raw;
+  Raw* __restrict pr = row.pr;
+  const Raw* __restrict gr = row.gr;
+  const Raw* __restrict wr = row.wr;
+  float* __restrict mr = row.mr;
+  float* __restrict vr = row.vr;
+  const uint8_t* __restrict mask = row.mask;
+  float* __restrict acc = row.acc;
+  const AdamWStepConsts k = kc;
+  float rdot = 0.0f, rnorm = 0.0f;
+#pragma omp simd reduction(+ : rdot, rnorm)
+  for (int64_t j = j0; j < j1; ++j) {
+    float g = S::load(gr[j]);
+    if (kScaled) g = g / scale;
+    g = sign * g;
+    float m = mr[j], v = vr[j];
+    const float before = S::load(pr[j]);
+    const float after = adamw_element_t<kLowWeight>(before, g, m, v, k);
+    mr[j] = m;
+    vr[j] = v;
+    const float u = after - before;
+    acc[j] += u * u;
+    const Raw keep = wr[j];
+    const float w = S::load(keep);
+    const Raw moved = S::store(after);
+    const bool retained = mask[j] != 0;
+    pr[j] = retained ? keep : moved;
+    const float d = retained ? 0.0f : S::load(moved) - w;
+    rdot += d * w;
+    rnorm += retained ? 0.0f : w * w;
+  }
+  *dot_out = rdot;
+  *norm_out = rnorm;
+}
+
+template <int D>
+using OnlineSegFn = void (*)(const OnlineRow<D>&, int64_t, int64_t, const AdamWStepConsts&, float, float, float*,
+                             float*);
+template <int D, bool kScaled, bool kLowWeight>
+HPA_TARGET_AVX2 void online_seg_avx2(const OnlineRow<D>& row, int64_t j0, int64_t j1, const AdamWStepConsts& k,
+                                     float scale, float sign, float* dot, float* norm) {
+  online_seg<D, kScaled, kLowWeight>(row, j0, j1, k, scale, sign, dot, norm);
+}
+template <int D, bool kScaled, bool kLowWeight>
+void online_seg_base(const OnlineRow<D>& row, int64_t j0, int64_t j1, const AdamWStepConsts& k, float scale,
+                     float sign, float* dot, float* norm) {
+  online_seg<D, kScaled, kLowWeight>(row, j0, j1, k, scale, sign, dot, norm);
+}
+template <int D, bool kScaled, bool kLowWeight>
+OnlineSegFn<D> pick_online3() {
+  return use_avx2() ? &online_seg_avx2<D, kScaled, kLowWeight> : &online_seg_base<D, kScaled, kLowWeight>;
+}
+template <int D>
+OnlineSegFn<D> pick_online(bool scaled, bool low_weight) {
+  if (scaled) return low_weight ? pick_online3<D, true, true>() : pick_online3<D, true, false>();
+  return low_weight ? pick_online3<D, false, true>() : pick_online3<D, false, false>();
+}
+
+// Online step pass 2 on one row: W <- W - c' W_prev on the non-retained columns.
+template <int D>
+HPA_ALWAYS_INLINE void project_row(typename Storage<D>::Raw* __restrict pr, const typename Storage<D>::Raw* __restrict wr,
+                                   const uint8_t* __restrict mask, int64_t c, float cf) {
+  using S = Storage<D>;
+  using Raw = typename S::Raw;
+#pragma omp simd
+  for (int64_t j = 0; j < c; ++j) {
+    const Raw cur = pr[j];
+    const Raw moved = S::store(S::load(cur) - cf * S::load(wr[j]));
+    pr[j] = mask[j] ? cur : moved;
+  }
+}
+
+template <int D>
+using ProjectRowFn = void (*)(typename Storage<D>::Raw*, const typename Storage<D>::Raw*, const uint8_t*, int64_t,
+                              float);
+template <int D>
+HPA_TARGET_AVX2 void project_row_avx2(typename Storage<D>::Raw* pr, const typename Storage<D>::Raw* wr,
+                                      const uint8_t* mask, int64_t c, float cf) {
+  project_row<D>(pr, wr, mask, c, cf);
+}
+template <int D>
+void project_row_base(typename Storage<D>::Raw* pr, const typename Storage<D>::Raw* wr, const uint8_t* mask, int64_t c,
+                      float cf) {
+  project_row<D>(pr, wr, mask, c, cf);
+}
+
 template <int D>
 void reduce_typed(int64_t r, int64_t c, Mat prev, Mat next, const float* hs, const float* ht, float* eps_bar,
                   float* zeta_bar, double* dot_out, double* norm_out) {
@@ -41,6 +211,7 @@ void reduce_typed(int64_t r, int64_t c, Mat prev, Mat next, const float* hs, con
   std::vector<float> partial(static_cast<size_t>(t.row_blocks * c), 0.0f);
   std::vector<double> dots(static_cast<size_t>(tasks), 0.0), norms(static_cast<size_t>(tasks), 0.0);
   const bool unit = prev.stride1 == 1 && next.stride1 == 1;
+  const ReduceSegFn<D> seg = use_avx2() ? &reduce_seg_avx2<D> : &reduce_seg_base<D>;
 #pragma omp parallel for schedule(static) if (tasks > 1)
   for (int64_t task = 0; task < tasks; ++task) {
     const int64_t a = task / t.col_blocks, b = task % t.col_blocks;
@@ -56,14 +227,7 @@ void reduce_typed(int64_t r, int64_t c, Mat prev, Mat next, const float* hs, con
         const int64_t j1 = std::min(c1, j0 + kRowSpan);
         float rdot = 0.0f, rnorm = 0.0f;
         if (unit) {
-#pragma omp simd reduction(+ : rdot, rnorm)
-          for (int64_t j = j0; j < j1; ++j) {
-            const float w = S::load(pr[j]);
-            const float d = S::load(nr[j]) - w;
-            acc[j] += d * d;
-            rdot += d * w;
-            rnorm += w * w;
-          }
+          seg(pr, nr, acc, j0, j1, &rdot, &rnorm);
         } else {
           for (int64_t j = j0; j < j1; ++j) {
             const float w = S::load(pr[j * prev.stride1]);
@@ -105,19 +269,14 @@ void apply_typed(int64_t r, int64_t c, Mat prev, Mat next, Mat out, const uint8_
   const Raw* N = reinterpret_cast<const Raw*>(next.ptr);
   Raw* O = reinterpret_cast<Raw*>(out.ptr);
   const bool unit = prev.stride1 == 1 && next.stride1 == 1 && out.stride1 == 1;
+  const ApplyRowFn<D> row = use_avx2() ? &apply_row_avx2<D> : &apply_row_base<D>;
 #pragma omp parallel for schedule(static) if (r * c > kSmallWork)
   for (int64_t i = 0; i < r; ++i) {
     const Raw* pr = P + i * prev.stride0;
     const Raw* nr = N + i * next.stride0;
     Raw* orow = O + i * out.stride0;
     if (unit) {
-      // No __restrict: out may be next itself (in place), element by element.
-#pragma omp simd
-      for (int64_t j = 0; j < c; ++j) {
-        const Raw keep = pr[j];
-        const Raw moved = S::store(S::load(nr[j]) - coef * S::load(keep));
-        orow[j] = mask[j] ? keep : moved;  // retained columns: W_prev's raw bits
-      }
+      row(pr, nr, orow, mask, c, coef);
     } else {
       for (int64_t j = 0; j < c; ++j) {
         const Raw keep = pr[j * prev.stride1];
@@ -128,100 +287,138 @@ void apply_typed(int64_t r, int64_t c, Mat prev, Mat next, Mat out, const uint8_
   }
 }
 
+// The online step over n layers in one OpenMP parallel region: pass 1 of every layer (each layer
+// cut into the same row x column tasks as a single-layer call, so every result is bit-identical to
+// n separate calls), then each layer's sums and coefficient, then pass 2 of every layer.
 template <int D>
-double online_typed(int64_t r, int64_t c, uintptr_t param, uintptr_t grad, float* exp_avg, float* exp_avg_sq,
-                    float* step, uintptr_t w_prev, const uint8_t* mask, float* col_energy, const AdamWHyper& h,
-                    const float* grad_scale, bool orthogonal) {
+void online_typed(int64_t n, const OnlineLayer* layers, const AdamWHyper& h, const float* grad_scale,
+                  bool orthogonal, double* coefs) {
   using S = Storage<D>;
   using Raw = typename S::Raw;
-  Raw* Pm = reinterpret_cast<Raw*>(param);
-  const Raw* G = reinterpret_cast<const Raw*>(grad);
-  const Raw* W0 = reinterpret_cast<const Raw*>(w_prev);
-  *step += 1.0f;
-  const AdamWStepConsts k = adamw_consts(h, static_cast<double>(*step));
   const bool has_scale = grad_scale != nullptr;
   const float scale = has_scale ? *grad_scale : 1.0f;
   const float sign = h.maximize ? -1.0f : 1.0f;
-
-  // Pass 1: AdamW, retained columns reset to W_prev, column energies of the unconstrained update,
-  // and <dW, W_prev>, ||W_prev (1 - M)||^2 over the non-retained columns of the stored result.
-  const Tiling t = tile(r, c);
-  const int64_t tasks = t.row_blocks * t.col_blocks;
-  std::vector<float> partial(static_cast<size_t>(t.row_blocks * c), 0.0f);
-  std::vector<double> dots(static_cast<size_t>(tasks), 0.0), norms(static_cast<size_t>(tasks), 0.0);
-#pragma omp parallel for schedule(static) if (tasks > 1)
-  for (int64_t task = 0; task < tasks; ++task) {
-    const int64_t a = task / t.col_blocks, b = task % t.col_blocks;
-    int64_t r0, r1, c0, c1;
-    split_range(r, t.row_blocks, a, &r0, &r1);
-    split_range(c, t.col_blocks, b, &c0, &c1);
-    float* __restrict acc = partial.data() + a * c;
-    double dot = 0.0, norm = 0.0;
-    for (int64_t i = r0; i < r1; ++i) {
-      Raw* __restrict pr = Pm + i * c;
-      const Raw* __restrict gr = G + i * c;
-      const Raw* __restrict wr = W0 + i * c;
-      float* __restrict mr = exp_avg + i * c;
-      float* __restrict vr = exp_avg_sq + i * c;
-      for (int64_t j0 = c0; j0 < c1; j0 += kRowSpan) {
-        const int64_t j1 = std::min(c1, j0 + kRowSpan);
-        float rdot = 0.0f, rnorm = 0.0f;
-#pragma omp simd reduction(+ : rdot, rnorm)
-        for (int64_t j = j0; j < j1; ++j) {
-          float g = S::load(gr[j]);
-          if (has_scale) g = g / scale;
-          g = sign * g;
-          float m = mr[j], v = vr[j];
-          const float before = S::load(pr[j]);
-          const float after = adamw_element(before, g, m, v, k);
-          mr[j] = m;
-          vr[j] = v;
-          const float u = after - before;
-          acc[j] += u * u;
-          const Raw keep = wr[j];
-          const float w = S::load(keep);
-          const Raw moved = S::store(after);
-          const bool retained = mask[j] != 0;
-          pr[j] = retained ? keep : moved;
-          const float d = retained ? 0.0f : S::load(moved) - w;
-          rdot += d * w;
-          rnorm += retained ? 0.0f : w * w;
-        }
-        dot += rdot;
-        norm += rnorm;
+  std::vector<AdamWStepConsts> consts(static_cast<size_t>(n));
+  std::vector<Tiling> tiles(static_cast<size_t>(n));
+  std::vector<int64_t> task0(static_cast<size_t>(n) + 1, 0);  // first pass-1 task of each layer
+  std::vector<int64_t> part0(static_cast<size_t>(n) + 1, 0);  // first fp32 column partial of each layer
+  int64_t total = 0;
+  for (int64_t l = 0; l < n; ++l) {
+    const OnlineLayer& L = layers[l];
+    *L.step += 1.0f;
+    consts[static_cast<size_t>(l)] = adamw_consts(h, static_cast<double>(*L.step));
+    const Tiling t = tile(L.rows, L.cols);
+    tiles[static_cast<size_t>(l)] = t;
+    task0[static_cast<size_t>(l) + 1] = task0[static_cast<size_t>(l)] + t.row_blocks * t.col_blocks;
+    part0[static_cast<size_t>(l) + 1] = part0[static_cast<size_t>(l)] + t.row_blocks * L.cols;
+    total += L.rows * L.cols;
+    coefs[l] = 0.0;
+  }
+  const int64_t ntasks = task0[static_cast<size_t>(n)];
+  std::vector<int64_t> task_layer(static_cast<size_t>(ntasks));
+  for (int64_t l = 0; l < n; ++l)
+    for (int64_t q = task0[static_cast<size_t>(l)]; q < task0[static_cast<size_t>(l) + 1]; ++q)
+      task_layer[static_cast<size_t>(q)] = l;
+  // Pass-2 items: (layer, row block) of ~kRowItem elements; skipped at run time when c' = 0.
+  constexpr int64_t kRowItem = int64_t{1} << 16;
+  std::vector<int64_t> item_layer, item_row;
+  if (orthogonal) {
+    for (int64_t l = 0; l < n; ++l) {
+      const int64_t r = layers[l].rows, c = layers[l].cols;
+      const int64_t rows_per = std::max<int64_t>(1, kRowItem / std::max<int64_t>(1, c));
+      for (int64_t i = 0; i < r; i += rows_per) {
+        item_layer.push_back(l);
+        item_row.push_back(i);
       }
     }
-    dots[static_cast<size_t>(task)] = dot;
-    norms[static_cast<size_t>(task)] = norm;
   }
-  double dot = 0.0, norm = 0.0;
-  for (int64_t q = 0; q < tasks; ++q) {
-    dot += dots[static_cast<size_t>(q)];
-    norm += norms[static_cast<size_t>(q)];
-  }
-#pragma omp parallel for schedule(static) if (c * t.row_blocks > kSmallWork)
-  for (int64_t j = 0; j < c; ++j) {
-    double e = 0.0;
-    for (int64_t a = 0; a < t.row_blocks; ++a) e += partial[static_cast<size_t>(a * c + j)];
-    col_energy[j] = static_cast<float>(static_cast<double>(col_energy[j]) + e);
-  }
-  if (!orthogonal || norm <= 0.0 || dot == 0.0) return 0.0;
+  const int64_t nitems = static_cast<int64_t>(item_layer.size());
+  std::vector<float> partial(static_cast<size_t>(part0[static_cast<size_t>(n)]), 0.0f);
+  std::vector<double> dots(static_cast<size_t>(ntasks), 0.0), norms(static_cast<size_t>(ntasks), 0.0);
+  const OnlineSegFn<D> seg = pick_online<D>(has_scale, n > 0 && consts[0].lerp_weight < 0.5f);
+  const ProjectRowFn<D> project = use_avx2() ? &project_row_avx2<D> : &project_row_base<D>;
+  std::vector<float> cfs(static_cast<size_t>(n), 0.0f);
+  std::vector<unsigned char> project_layer(static_cast<size_t>(n), 0);
 
-  // Pass 2: W <- W - c' W_prev on the non-retained columns, c' = <dW, W_prev> / ||W_prev (1 - M)||^2.
-  const double coef = dot / norm;
-  const float cf = static_cast<float>(coef);
-#pragma omp parallel for schedule(static) if (r * c > kSmallWork)
-  for (int64_t i = 0; i < r; ++i) {
-    Raw* __restrict pr = Pm + i * c;
-    const Raw* __restrict wr = W0 + i * c;
-#pragma omp simd
+  // Tasks of each layer still running: the thread that finishes a layer's last pass-1 task sums
+  // that layer (in task order, so the result does not depend on which thread it is), so that the
+  // whole step has one fork, one barrier (only when projecting) and one join.
+  std::unique_ptr<std::atomic<int64_t>[]> remaining(new std::atomic<int64_t>[static_cast<size_t>(n)]);
+  for (int64_t l = 0; l < n; ++l)
+    remaining[static_cast<size_t>(l)].store(task0[static_cast<size_t>(l) + 1] - task0[static_cast<size_t>(l)],
+                                            std::memory_order_relaxed);
+  auto finish_layer = [&](int64_t l) {
+    const OnlineLayer& L = layers[l];
+    const int64_t c = L.cols, row_blocks = tiles[static_cast<size_t>(l)].row_blocks;
+    double dot = 0.0, norm = 0.0;
+    for (int64_t q = task0[static_cast<size_t>(l)]; q < task0[static_cast<size_t>(l) + 1]; ++q) {
+      dot += dots[static_cast<size_t>(q)];
+      norm += norms[static_cast<size_t>(q)];
+    }
+    const float* part = partial.data() + part0[static_cast<size_t>(l)];
     for (int64_t j = 0; j < c; ++j) {
-      const Raw cur = pr[j];
-      const Raw moved = S::store(S::load(cur) - cf * S::load(wr[j]));
-      pr[j] = mask[j] ? cur : moved;
+      double e = 0.0;
+      for (int64_t a = 0; a < row_blocks; ++a) e += part[static_cast<size_t>(a * c + j)];
+      L.col_energy[j] = static_cast<float>(static_cast<double>(L.col_energy[j]) + e);
+    }
+    if (orthogonal && !(norm <= 0.0 || dot == 0.0)) {
+      coefs[l] = dot / norm;
+      cfs[static_cast<size_t>(l)] = static_cast<float>(coefs[l]);
+      project_layer[static_cast<size_t>(l)] = 1;
+    }
+  };
+
+#pragma omp parallel if (ntasks > 1 || total > kSmallWork)
+  {
+    // Pass 1: AdamW, retained columns reset to W_prev, column energies of the unconstrained update,
+    // and <dW, W_prev>, ||W_prev (1 - M)||^2 over the non-retained columns of the stored result.
+#pragma omp for schedule(dynamic, 1) nowait
+    for (int64_t task = 0; task < ntasks; ++task) {
+      const int64_t l = task_layer[static_cast<size_t>(task)];
+      const OnlineLayer& L = layers[l];
+      const Tiling t = tiles[static_cast<size_t>(l)];
+      const int64_t r = L.rows, c = L.cols, local = task - task0[static_cast<size_t>(l)];
+      const int64_t a = local / t.col_blocks, b = local % t.col_blocks;
+      int64_t r0, r1, c0, c1;
+      split_range(r, t.row_blocks, a, &r0, &r1);
+      split_range(c, t.col_blocks, b, &c0, &c1);
+      float* acc = partial.data() + part0[static_cast<size_t>(l)] + a * c;
+      Raw* Pm = reinterpret_cast<Raw*>(L.param);
+      const Raw* G = reinterpret_cast<const Raw*>(L.grad);
+      const Raw* W0 = reinterpret_cast<const Raw*>(L.w_prev);
+      const AdamWStepConsts k = consts[static_cast<size_t>(l)];
+      double dot = 0.0, norm = 0.0;
+      for (int64_t i = r0; i < r1; ++i) {
+        const OnlineRow<D> row{Pm + i * c, G + i * c, W0 + i * c, L.exp_avg + i * c, L.exp_avg_sq + i * c, L.mask, acc};
+        for (int64_t j0 = c0; j0 < c1; j0 += kRowSpan) {
+          const int64_t j1 = std::min(c1, j0 + kRowSpan);
+          float rdot = 0.0f, rnorm = 0.0f;
+          seg(row, j0, j1, k, scale, sign, &rdot, &rnorm);
+          dot += rdot;
+          norm += rnorm;
+        }
+      }
+      dots[static_cast<size_t>(task)] = dot;
+      norms[static_cast<size_t>(task)] = norm;
+      if (remaining[static_cast<size_t>(l)].fetch_sub(1, std::memory_order_acq_rel) == 1) finish_layer(l);
+    }
+    if (orthogonal) {
+#pragma omp barrier
+    }
+    // Pass 2: W <- W - c' W_prev on the non-retained columns, c' = <dW, W_prev> / ||W_prev (1 - M)||^2.
+#pragma omp for schedule(dynamic, 1) nowait
+    for (int64_t it = 0; it < nitems; ++it) {
+      const int64_t l = item_layer[static_cast<size_t>(it)];
+      if (!project_layer[static_cast<size_t>(l)]) continue;
+      const OnlineLayer& L = layers[l];
+      const int64_t r = L.rows, c = L.cols;
+      const int64_t rows_per = std::max<int64_t>(1, kRowItem / std::max<int64_t>(1, c));
+      const int64_t i0 = item_row[static_cast<size_t>(it)], i1 = std::min(r, i0 + rows_per);
+      Raw* Pm = reinterpret_cast<Raw*>(L.param);
+      const Raw* W0 = reinterpret_cast<const Raw*>(L.w_prev);
+      for (int64_t i = i0; i < i1; ++i) project(Pm + i * c, W0 + i * c, L.mask, c, cfs[static_cast<size_t>(l)]);
     }
   }
-  return coef;
 }
 
 }  // namespace
@@ -253,23 +450,31 @@ void hpa_apply(int dtype, int64_t r, int64_t c, Mat prev, Mat next, Mat out, con
   }
 }
 
-double online_step(int dtype, int64_t r, int64_t c, uintptr_t param, uintptr_t grad, float* exp_avg,
-                   float* exp_avg_sq, float* step, uintptr_t w_prev, const uint8_t* mask, float* col_energy,
-                   const AdamWHyper& hyper, const float* grad_scale, const float* found_inf, bool orthogonal) {
-  if (found_inf != nullptr && *found_inf != 0.0f) return 0.0;  // GradScaler skip: nothing written
+void online_step_multi(int dtype, int64_t n, const OnlineLayer* layers, const AdamWHyper& hyper,
+                       const float* grad_scale, const float* found_inf, bool orthogonal, double* coefs) {
+  if (found_inf != nullptr && *found_inf != 0.0f) {  // GradScaler skip: nothing written
+    for (int64_t l = 0; l < n; ++l) coefs[l] = 0.0;
+    return;
+  }
   switch (dtype) {
     case kF32:
-      return online_typed<kF32>(r, c, param, grad, exp_avg, exp_avg_sq, step, w_prev, mask, col_energy, hyper,
-                                grad_scale, orthogonal);
+      return online_typed<kF32>(n, layers, hyper, grad_scale, orthogonal, coefs);
     case kBF16:
-      return online_typed<kBF16>(r, c, param, grad, exp_avg, exp_avg_sq, step, w_prev, mask, col_energy, hyper,
-                                 grad_scale, orthogonal);
+      return online_typed<kBF16>(n, layers, hyper, grad_scale, orthogonal, coefs);
     case kF16:
-      return online_typed<kF16>(r, c, param, grad, exp_avg, exp_avg_sq, step, w_prev, mask, col_energy, hyper,
-                                grad_scale, orthogonal);
+      return online_typed<kF16>(n, layers, hyper, grad_scale, orthogonal, coefs);
     default:
       throw std::invalid_argument("online_step: unknown storage dtype code");
   }
+}
+
+double online_step(int dtype, int64_t r, int64_t c, uintptr_t param, uintptr_t grad, float* exp_avg,
+                   float* exp_avg_sq, float* step, uintptr_t w_prev, const uint8_t* mask, float* col_energy,
+                   const AdamWHyper& hyper, const float* grad_scale, const float* found_inf, bool orthogonal) {
+  const OnlineLayer layer{r, c, param, grad, exp_avg, exp_avg_sq, step, w_prev, mask, col_energy};
+  double coef = 0.0;
+  online_step_multi(dtype, 1, &layer, hyper, grad_scale, found_inf, orthogonal, &coef);
+  return coef;
 }
 
 }  // namespace cpu

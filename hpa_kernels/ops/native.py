@@ -399,6 +399,80 @@ class _Backend:
         staging.finish()
         return coef
 
+    def online_steps(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        exp_avgs: list[Tensor],
+        exp_avg_sqs: list[Tensor],
+        state_steps: list[Tensor],
+        w_prevs: list[Tensor],
+        masks: list[Tensor],
+        col_energies: list[Tensor],
+        *,
+        lr: float | Tensor,
+        beta1: float,
+        beta2: float,
+        eps: float,
+        weight_decay: float,
+        maximize: bool = False,
+        grad_scale: Tensor | None = None,
+        found_inf: Tensor | None = None,
+        orthogonal: bool = True,
+    ) -> list[Tensor]:
+        """:meth:`online_step` over a list of layers (one entry per layer in every list), returning
+        each layer's coefficient. On the CPU module the layers of one dtype run in one call (one
+        OpenMP parallel region for all of them); each layer's results are bit-identical to a
+        per-layer :meth:`online_step`. Elsewhere (or for empty layers) it loops over online_step."""
+        lists = (params, grads, exp_avgs, exp_avg_sqs, state_steps, w_prevs, masks, col_energies)
+        n = len(params)
+        if any(len(x) != n for x in lists):
+            raise ValueError("online_steps: the tensor lists differ in length")
+        kwargs = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, maximize=maximize,
+                      grad_scale=grad_scale, found_inf=found_inf, orthogonal=orthogonal)  # fmt: skip
+        multi = getattr(self._lib, "online_step_multi", None)
+        coefs: list[Tensor | None] = [None] * n
+        groups: dict[int, list[int]] = {}
+        for k, args in enumerate(zip(*lists)):
+            _check_online_args(*args)
+            p = args[0]
+            if multi is None or p.shape[0] == 0 or p.shape[1] == 0 or p.device != params[0].device:
+                coefs[k] = self.online_step(*args, **kwargs)
+            else:
+                groups.setdefault(_dtype_code(p, "online_steps: param"), []).append(k)
+        if groups:
+            device = params[0].device
+            f32 = {"dtype": torch.float32, "device": device}
+            staging = _Staging()
+            hyper = (float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), bool(maximize))
+            scalars = (staging.scalar_ptr(grad_scale, device), staging.scalar_ptr(found_inf, device), bool(orthogonal))
+            for code, index in groups.items():
+                cols: list[list[int]] = [[] for _ in range(10)]
+                keep: list[Tensor] = []  # staged copies stay alive until the call returns
+                for k in index:
+                    p, g, m, v, st, w, mask, e = (x[k] for x in lists)
+                    staged = (
+                        staging.contiguous(p, write_back=True),
+                        staging.contiguous(g, write_back=False),
+                        staging.contiguous(m, write_back=True),
+                        staging.contiguous(v, write_back=True),
+                        staging.dense(st.reshape(()), dtype=torch.float32, device=device),
+                        staging.contiguous(w, write_back=False),
+                        mask.to(device).contiguous().view(torch.uint8),
+                        staging.contiguous(e, write_back=True),
+                    )
+                    keep.extend(staged)
+                    cols[0].append(p.shape[0])
+                    cols[1].append(p.shape[1])
+                    for slot, t in enumerate(staged, start=2):
+                        cols[slot].append(t.data_ptr())
+                values = self._call(multi, device, code, *cols, *hyper, *scalars)
+                del keep
+                for k, value in zip(index, values):
+                    coefs[k] = torch.tensor(value, **f32)
+            staging.finish()
+        return coefs  # type: ignore[return-value]
+
 
 cpu = _Backend("cpu", _C, "cpu")
 cuda = _Backend("cuda", _C_CUDA, "cuda")

@@ -166,12 +166,19 @@ HPA_HD AdamWStepConsts adamw_consts(const AdamWHyper& h, double t) {
 //   p <- p (1 - lr wd);  m <- lerp(m, g, 1 - b1);  v <- b2 v + (1 - b2) g^2
 //   p <- p - step_size * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
 // Returns the new p; m and v are updated in place. lerp follows ATen's two-branch formula.
-HPA_HD float adamw_element(float p, float g, float& m, float& v, const AdamWStepConsts& k) {
+// kLowWeight: which lerp branch, (1 - beta1) < 0.5; a template argument so that CPU loops hoist the
+// (loop-invariant) choice out of their vectorised bodies. Same arithmetic, same rounding.
+template <bool kLowWeight>
+HPA_HD float adamw_element_t(float p, float g, float& m, float& v, const AdamWStepConsts& k) {
   const float w = k.lerp_weight;
-  m = (w < 0.5f) ? m + w * (g - m) : g - (g - m) * (1.0f - w);
+  m = kLowWeight ? m + w * (g - m) : g - (g - m) * (1.0f - w);
   v = v * k.beta2 + k.one_minus_beta2 * g * g;
   const float denom = sqrtf(v) / k.bias_corr2_sqrt + k.eps;
   return p * k.decay - k.step_size * (m / denom);
+}
+
+HPA_HD float adamw_element(float p, float g, float& m, float& v, const AdamWStepConsts& k) {
+  return (k.lerp_weight < 0.5f) ? adamw_element_t<true>(p, g, m, v, k) : adamw_element_t<false>(p, g, m, v, k);
 }
 
 }  // namespace hpa
