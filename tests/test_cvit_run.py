@@ -68,6 +68,90 @@ def test_same_seed_same_numbers(tiny_runs):
     assert numbers(first) == numbers(second)
 
 
+@pytest.fixture(scope="module")
+def killed_and_resumed(tmp_path_factory):
+    """A tiny run stopped (``--stop-after-task``, the hidden testing aid) after seqft's first task,
+    resumed with other arguments (refused), resumed and stopped again after hpa's first task (seqft
+    done), then resumed to the end. Returns the folder, the processes and the mid-run results."""
+    out = tmp_path_factory.mktemp("killed")
+    procs = {"first": run_cli(*TINY, "--out", str(out), "--stop-after-task", "1")}
+    checkpoints_after_first = sorted(p.name for p in (out / "checkpoints").iterdir())
+    other = [("4" if a == "3" else a) for a in TINY]  # --steps 4
+    procs["mismatch"] = run_cli(*other, "--out", str(out), "--resume")
+    procs["second"] = run_cli(*TINY, "--out", str(out), "--resume", "--stop-after-task", "3")
+    mid = json.loads((out / "results.json").read_text())
+    procs["last"] = run_cli(*TINY, "--out", str(out), "--resume")
+    return out, procs, mid, checkpoints_after_first
+
+
+def test_resume_gives_the_numbers_of_an_uninterrupted_run(killed_and_resumed, tiny_runs):
+    out, procs, mid, checkpoints_after_first = killed_and_resumed
+    assert procs["first"].returncode == 3, procs["first"].stderr
+    assert "stopped after 1 task(s)" in procs["first"].stderr
+    assert checkpoints_after_first == ["config.json", "seqft.pt", "stage0.pt"]
+    assert procs["second"].returncode == 3, procs["second"].stderr
+    assert mid["complete"] is False and list(mid["methods"]) == ["seqft"]  # written after seqft finished
+    assert procs["last"].returncode == 0, procs["last"].stderr
+    resumed = json.loads((out / "results.json").read_text())
+    assert resumed["complete"] is True
+    uninterrupted = json.loads((tiny_runs[0][0] / "results.json").read_text())
+    assert numbers(resumed) == numbers(uninterrupted)
+    assert numbers(mid)["methods"]["seqft"] == numbers(uninterrupted)["methods"]["seqft"]
+    assert not (out / "checkpoints").exists()  # a complete run removes its checkpoints
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_resume_with_other_arguments_is_a_clean_error(killed_and_resumed):
+    proc = killed_and_resumed[1]["mismatch"]
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert "hpa-cvit: error: --resume:" in proc.stderr and "--steps 3 then, 4 now" in proc.stderr
+
+
+def test_resume_without_checkpoint_is_a_clean_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        cvit.main([*TINY, "--out", str(tmp_path / "out"), "--resume"])
+    assert info.value.code == 2
+    assert "nothing to resume" in capsys.readouterr().err
+
+
+class Killed(BaseException):
+    """A kill in the middle of writing (not an Exception: nothing may catch it)."""
+
+
+@pytest.mark.parametrize("killed_in", ["dump", "replace"])
+def test_a_killed_write_leaves_the_previous_results(tmp_path, monkeypatch, killed_in):
+    path = tmp_path / "results.json"
+    previous = {"methods": {"seqft": {"accuracy": [[0.5]]}}, "complete": False}
+    cvit.write_json_atomic(previous, path)
+    if killed_in == "dump":
+
+        def half_written(self, text, *args, **kwargs):
+            with open(self, "w", encoding="utf-8") as f:
+                f.write(text[: len(text) // 2])
+            raise Killed
+
+        monkeypatch.setattr(Path, "write_text", half_written)
+    else:
+
+        def killed(*args):
+            raise Killed
+
+        monkeypatch.setattr(cvit.os, "replace", killed)
+    with pytest.raises(Killed):
+        cvit.write_json_atomic({"methods": {"seqft": {}, "hpa": {}}, "complete": True}, path)
+    monkeypatch.undo()
+    assert json.loads(path.read_text()) == previous
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]  # no temporary file left
+
+
+def test_atomic_writes_use_unique_temporary_names(tmp_path):
+    seen = []
+    for _ in range(2):
+        cvit._replace_atomic(tmp_path / "f.txt", lambda tmp: (seen.append(tmp.name), tmp.write_text("x")))
+    assert seen[0] != seen[1] and all(n.startswith(".f.txt.") and n.endswith(".tmp") for n in seen)
+
+
 def test_unknown_method_is_a_clean_error(tmp_path):
     proc = run_cli("--methods", "seqft,bogus", "--out", str(tmp_path / "out"))
     assert proc.returncode == 2

