@@ -61,3 +61,21 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, batches) -> None:
         optimizer.zero_grad()
         nn.functional.cross_entropy(model(tokens), labels).backward()
         optimizer.step()
+
+
+def tiny_llama(vocab: int, seed: int = 0) -> nn.Module:
+    """A 3-block Llama built from a config (no hub), for the Hugging Face integration tests."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+        tie_word_embeddings=False,
+    )
+    return transformers.LlamaForCausalLM(config)

@@ -11,6 +11,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
+from helpers import tiny_llama  # noqa: E402
+
 from hpa_kernels import HPAOptimizer  # noqa: E402
 from hpa_kernels.checkpoint import (  # noqa: E402
     adjust_main,
@@ -25,21 +27,6 @@ from hpa_kernels.layers import find_hpa_layers  # noqa: E402
 
 VOCAB = 40
 WORDS = [f"w{i}" for i in range(VOCAB - 1)]
-
-
-def tiny_llama() -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=24,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=32,
-        tie_word_embeddings=False,
-    )
-    return transformers.LlamaForCausalLM(config)
 
 
 def word_tokenizer():
@@ -68,7 +55,7 @@ def stored(directory) -> dict[str, torch.Tensor]:
 def test_adjust_equals_end_task(tmp_path, shard_after: bool) -> None:
     """hpa-adjust on (before, after) checkpoints writes what end_task writes in memory, copies
     every other tensor and file unchanged, and keeps the after checkpoint's layout."""
-    model = tiny_llama()
+    model = tiny_llama(VOCAB)
     optimizer = HPAOptimizer.from_model(model, lr=2e-2, backend="torch")
     safety, task = samples(3, seed=1), samples(3, seed=2)
     as_batches = [{"input_ids": ids} for ids in safety], [{"input_ids": ids} for ids in task]
@@ -108,7 +95,7 @@ def test_adjust_equals_end_task(tmp_path, shard_after: bool) -> None:
 
 def test_depth_from_tensor_names_matches_the_model() -> None:
     """The [decision] depth mapping of bare checkpoints gives find_hpa_layers' blocks."""
-    model = tiny_llama()
+    model = tiny_llama(VOCAB)
     layers = find_hpa_layers(model)
     depths = block_depths([f"{name}.weight" for name in layers], model.state_dict())
     for name, layer in layers.items():
@@ -122,7 +109,7 @@ def test_depth_from_tensor_names_matches_the_model() -> None:
 def test_calibrate_cli_equals_the_collector(tmp_path) -> None:
     """hpa-calibrate on a JSONL set (token ids, and text through the model's tokenizer) writes the
     hinv vectors HessianCollector gives in memory, keyed by weight tensor name."""
-    model = tiny_llama()
+    model = tiny_llama(VOCAB)
     model.save_pretrained(tmp_path / "model")
     tokenizer = word_tokenizer()
     tokenizer.save_pretrained(tmp_path / "model")

@@ -11,24 +11,12 @@ import torch
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
+from helpers import tiny_llama  # noqa: E402
+
 from hpa_kernels import HPAOptimizer, functional  # noqa: E402
 from hpa_kernels.integrations import HPACallback, calibrate  # noqa: E402
 
 VOCAB, LENGTH = 64, 8
-
-
-def tiny_llama(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=24,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=32,
-    )
-    return transformers.LlamaForCausalLM(config)
 
 
 def batches(count: int, seed: int, size: int = 4) -> list[dict[str, torch.Tensor]]:
@@ -44,7 +32,7 @@ def batches(count: int, seed: int, size: int = 4) -> list[dict[str, torch.Tensor
 
 def lora_model(seed: int = 0) -> torch.nn.Module:
     config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0)
-    return peft.get_peft_model(tiny_llama(seed), config)
+    return peft.get_peft_model(tiny_llama(VOCAB, seed), config)
 
 
 def train(model, optimizer, data) -> None:
@@ -109,7 +97,7 @@ class _Spy(transformers.TrainerCallback):
 def test_trainer_callback_runs_the_lifecycle_per_task(tmp_path) -> None:
     """Two tasks through Trainer.train() with HPAOptimizer as its optimizer: each run is one
     HPA task, and the weights after it equal the functional edit of (W_prev, W_new)."""
-    model = tiny_llama()
+    model = tiny_llama(VOCAB)
     optimizer = HPAOptimizer.from_model(model, lr=1e-2, weight_decay=0.0, backend="torch")
     safety = batches(2, seed=1)
     callback = HPACallback(optimizer, safety_data=safety)
@@ -155,7 +143,7 @@ def test_trainer_callback_runs_the_lifecycle_per_task(tmp_path) -> None:
 
 def test_callback_defaults_to_the_training_data(tmp_path) -> None:
     """Without task_data the callback calibrates on the first task_samples training examples."""
-    model = tiny_llama()
+    model = tiny_llama(VOCAB)
     optimizer = HPAOptimizer.from_model(
         model, lr=1e-2, backend="torch", hpa=__import__("hpa_kernels").HPAConfig(task_samples=6)
     )
