@@ -96,8 +96,7 @@ def hpa_apply(w_prev: Tensor, w_new: Tensor, mask: Tensor, coef: float | Tensor,
     """
     _check_pair(w_prev, w_new, "hpa_apply")
     coef_value = float(coef)
-    # fp32 math for fp32/bf16/fp16 storage; float64 storage keeps float64 (the tests' ground truth).
-    compute = torch.float64 if w_new.dtype == torch.float64 else torch.float32
+    compute = _math_dtype(w_new)
     adjusted = (w_new.to(compute) - coef_value * w_prev.to(compute)).to(w_new.dtype)
     result = torch.where(mask.view(1, -1), w_prev.to(w_new.dtype), adjusted)
     if out is None:
