@@ -18,9 +18,15 @@ from .config import HPAConfig
 from .functional import LayerPlan, count_columns, plan_layer_update, top_columns
 from .layers import ManagedLayer, find_hpa_layers
 
-_GROUP_KEYS = frozenset(
-    {"params", "lr", "betas", "eps", "weight_decay", "maximize", "master_weights", "name", "param_names", "initial_lr"}
+# Group keys torch's own schedulers write into the groups (LRScheduler, OneCycleLR, CyclicLR, SWALR):
+# kept as torch.optim.AdamW keeps them, so a scheduler resumes from a loaded state dict.
+_SCHEDULER_KEYS = frozenset({"initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum", "swa_lr"})
+_GROUP_KEYS = (
+    frozenset({"params", "lr", "betas", "eps", "weight_decay", "maximize", "master_weights", "name", "param_names"})
+    | _SCHEDULER_KEYS
 )
+# Attributes of HPAOptimizer kept by copy.deepcopy and pickle besides torch.optim.Optimizer's own.
+_PICKLED_ATTRS = ("hpa", "backend", "hpa_layers", "_edited", "_in_task", "_tasks_completed", "_online_steps")
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 # Parameter dtypes every kernels backend steps; the "torch" reference also steps float64.
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -117,7 +123,10 @@ class HPAOptimizer(Optimizer):
     Args:
         params: parameters, ``(name, parameter)`` pairs or param groups, as for
             ``torch.optim.AdamW``. Group keys other than ``lr``, ``betas``, ``eps``,
-            ``weight_decay``, ``maximize``, ``master_weights``, ``name``, ``param_names`` are refused.
+            ``weight_decay``, ``maximize``, ``master_weights``, ``name``, ``param_names`` and the
+            keys torch's schedulers add (``initial_lr``, ``max_lr``, ``min_lr``, ``base_momentum``,
+            ``max_momentum``, ``swa_lr``) are refused. A tensor listed twice (tied weights passed
+            by hand) is refused: stepping it twice would apply two AdamW updates per step.
         lr: learning rate γ (float, or a 0-d tensor a scheduler may change in place).
         betas: (β1, β2), each in [0, 1).
         eps: ε ≥ 0, added to the denominator.
@@ -133,8 +142,11 @@ class HPAOptimizer(Optimizer):
 
     Raises:
         ValueError: a hyperparameter out of range, an unknown group key, a complex or
-            non-floating-point parameter (named), a managed weight that is not in ``params``, or
-            an unknown backend.
+            non-floating-point parameter (named), a tensor listed twice (named), a managed weight
+            that is not in ``params``, or an unknown backend.
+
+    ``copy.deepcopy`` and ``pickle`` give a working optimizer: its HPA configuration, managed
+    layers (copied with their weights, as the parameters are) and task lifecycle come along.
     """
 
     _step_supports_amp_scaling = True  # GradScaler hands us grad_scale / found_inf (AMP contract)
@@ -253,11 +265,33 @@ class HPAOptimizer(Optimizer):
         params = [params] if isinstance(params, Tensor) else list(params)
         # A new dict: the generator a group may hold is consumed once, here, not twice.
         param_group = {**param_group, "params": params}
+        seen: set[int] = set()
         for index, p in enumerate(params):
             name, tensor = p if isinstance(p, tuple) else (None, p)  # (name, parameter) pairs, as torch allows
             if isinstance(tensor, Tensor):
-                _check_param_dtype(tensor, f"parameter {name!r}" if name else f"parameter {index} of the group")
+                label = f"parameter {name!r}" if name else f"parameter {index} of the group"
+                _check_param_dtype(tensor, label)
+                if id(tensor) in seen:
+                    raise ValueError(
+                        f"HPAOptimizer: {label} is listed twice in one param group (tied weights?); "
+                        "list each tensor once, e.g. with model.parameters()"
+                    )
+                seen.add(id(tensor))
         super().add_param_group(param_group)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.update({key: self.__dict__[key] for key in _PICKLED_ATTRS})
+        # Names are keyed by id(); carry them with their tensors so the copy re-keys them.
+        params = {id(p): p for group in self.param_groups for p in group["params"]}
+        state["_named_params"] = [(params[key], name) for key, name in self._param_names.items() if key in params]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        named = state.pop("_named_params", [])
+        super().__setstate__(state)
+        self._param_names = {id(p): name for p, name in named}
 
     def state_dict(self) -> dict[str, Any]:
         """The standard optimizer state dict plus ``"hpa"``: the task lifecycle (plain values).

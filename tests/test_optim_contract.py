@@ -904,3 +904,93 @@ def test_retry_after_a_failed_write_completes_the_edit_exactly_once(backend, res
     report = optimizer.end_task(task)
     assert report == expected_report and not optimizer.in_task and optimizer.tasks_completed == 1
     _assert_bitwise(_weights(reference_model), _weights(model))
+
+
+# ---------------------------------------------------------------------------------------- issue 13
+
+
+@each_backend
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copied_optimizer_works_and_matches_the_original(backend, how):
+    """Issue 13: ``copy.deepcopy`` / ``pickle`` of an HPAOptimizer mid-task lost its HPA attributes
+    (``AttributeError: ... 'backend'`` on the next step). A copy of (model, optimizer) must step and
+    end the task bit-identically to the original."""
+    import pickle
+
+    device = _device(backend)
+    torch.manual_seed(0)
+    model = TinyModel().to(device)
+    optimizer = HPAOptimizer.from_model(model, lr=1e-2, backend=backend)
+    optimizer.begin_task(calibrate(model, optimizer, _batches(2, 1, device)))
+    train(model, optimizer, _batches(2, 2, device))
+    pair = (model, optimizer)
+    copied_model, copied = copy.deepcopy(pair) if how == "deepcopy" else pickle.loads(pickle.dumps(pair))
+    assert copied.in_task and copied.backend == backend and set(copied.hpa_layers) == set(optimizer.hpa_layers)
+    for name, layer in copied.hpa_layers.items():
+        assert layer.module.weight is dict(copied_model.named_parameters())[f"{name}.weight"]
+    reports = []
+    for net, opt in ((model, optimizer), (copied_model, copied)):
+        train(net, opt, _batches(2, 3, device))
+        reports.append(opt.end_task(calibrate(net, opt, _batches(2, 4, device))))
+    assert reports[0] == reports[1]
+    for (name, a), b in zip(model.state_dict().items(), copied_model.state_dict().values()):
+        assert torch.equal(a, b), name
+    _assert_bitwise(_state_of(optimizer), _state_of(copied))
+    lone = copy.deepcopy(optimizer)  # the optimizer alone: its own copies of the parameters
+    for p in (p for group in lone.param_groups for p in group["params"]):
+        p.grad = torch.ones_like(p)
+    lone.step()
+
+
+@pytest.mark.parametrize("scheduler", ["OneCycleLR", "SWALR"])
+def test_state_dicts_with_scheduler_group_keys_load_as_into_adamw(scheduler):
+    """Issue 13: a state dict saved after OneCycleLR (``base_momentum``, ``max_momentum``,
+    ``initial_lr``, ``max_lr``, ``min_lr``) or SWALR (``swa_lr``) was refused; torch.optim.AdamW
+    loads both. The keys are kept, so the scheduler resumes; steps then match torch's."""
+    from torch.optim.swa_utils import SWALR
+
+    def make(opt):
+        if scheduler == "OneCycleLR":
+            return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=8)
+        return SWALR(opt, swa_lr=5e-3, anneal_epochs=3)
+
+    torch.manual_seed(0)
+    weights = [torch.randn(5, 3), torch.randn(4)]
+    grads = [[torch.randn_like(w) for w in weights] for _ in range(6)]
+    states = {}
+    for cls in (torch.optim.AdamW, HPAOptimizer):
+        params = [nn.Parameter(w.clone()) for w in weights]
+        opt = cls(params, lr=1e-3, **({"backend": "torch"} if cls is HPAOptimizer else {}))
+        sched = make(opt)
+        _run_fixed_grads(opt, params, grads[:3], sched)
+        states[cls] = (opt.state_dict(), sched.state_dict())
+    ours_saved, _ = states[HPAOptimizer]
+    theirs_saved, sched_saved = states[torch.optim.AdamW]
+    assert {"swa_lr"} <= set(theirs_saved["param_groups"][0]) or {"max_lr", "base_momentum"} <= set(
+        theirs_saved["param_groups"][0]
+    )
+    results = []
+    for cls, saved in ((torch.optim.AdamW, theirs_saved), (HPAOptimizer, theirs_saved), (HPAOptimizer, ours_saved)):
+        params = [nn.Parameter(w.clone()) for w in weights]
+        opt = cls(params, lr=1e-3, **({"backend": "torch"} if cls is HPAOptimizer else {}))
+        sched = make(opt)
+        opt.load_state_dict(copy.deepcopy(saved))
+        sched.load_state_dict(sched_saved)
+        for key in set(theirs_saved["param_groups"][0]) - {"params", "foreach", "fused", "amsgrad", "capturable",
+                                                           "differentiable", "decoupled_weight_decay"}:  # fmt: skip
+            assert key in opt.param_groups[0], key
+        _run_fixed_grads(opt, params, grads[3:], sched)
+        results.append(params)
+    for ours in results[1:]:
+        for a, b in zip(results[0], ours):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_a_tensor_listed_twice_is_refused_by_name():
+    """Issue 13: the same tensor listed twice (tied embeddings and heads) was stepped twice.
+    It is refused, naming it, in a plain list and in (name, parameter) pairs."""
+    weight = nn.Parameter(torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="listed twice"):
+        HPAOptimizer([weight, nn.Parameter(torch.zeros(2)), weight])
+    with pytest.raises(ValueError, match="'head.weight' is listed twice"):
+        HPAOptimizer([("embed.weight", weight), ("head.weight", weight)])
