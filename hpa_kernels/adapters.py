@@ -8,10 +8,11 @@ and the adapters as ``lora_A[name]`` (r_a × c), ``lora_B[name]`` (r × r_a) wit
 
 * ``begin_task`` snapshots the merged weight W_prev = W + Σ scale·BA (:func:`merged_weight`),
   without changing the model;
-* ``end_task`` first merges the adapters into the base weight, W_new = W + Σ scale·BA, and
-  resets them to a fresh LoRA (peft's own ``reset_lora_parameters(name, True)``: A Kaiming-uniform,
-  B = 0) in one step per layer, so the model's function is unchanged at every point
-  (:func:`merge_and_reset`); then it edits the base weight as any other layer.
+* ``end_task`` plans the edit on W_new = W + Σ scale·BA computed out of place
+  (:func:`merged_weight`), so a failed check (a NaN in an adapter) leaves base weights and
+  adapters as they were; only when writing does it store Ŵ (the merge is part of Ŵ) into the base
+  weight and reset the adapters to a fresh LoRA (peft's own ``reset_lora_parameters(name, True)``:
+  A Kaiming-uniform, B = 0) (:func:`reset_adapters`).
   [decision] The AdamW moments of the reset adapter parameters are dropped with them: the next
   task starts its adapters as a new LoRA run would.
 
@@ -25,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["active_adapters", "check_adapter", "is_adapter_wrapper", "merge_and_reset", "merged_weight"]
+__all__ = ["active_adapters", "check_adapter", "is_adapter_wrapper", "merged_weight", "reset_adapters"]
 
 
 def is_adapter_wrapper(module: nn.Module) -> bool:
@@ -83,18 +84,17 @@ def merged_weight(wrapper: nn.Module, weight: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def merge_and_reset(wrapper: nn.Module, weight: Tensor) -> list[nn.Parameter]:
-    """Merge the active adapters into ``weight`` in place, then reset them to a fresh LoRA.
+def reset_adapters(wrapper: nn.Module) -> list[nn.Parameter]:
+    """Reset the active adapters of ``wrapper`` to a fresh LoRA (A Kaiming-uniform, B = 0).
+
+    The caller has already stored their merge in the base weight (``end_task`` writes Ŵ, which
+    contains it), so the model's function is that of the edited merged weight.
 
     Returns:
         The reset adapter parameters (their optimizer state is stale).
     """
-    names = active_adapters(wrapper)
-    if not names:
-        return []
-    weight.copy_(merged_weight(wrapper, weight))
     reset: list[nn.Parameter] = []
-    for adapter in names:
+    for adapter in active_adapters(wrapper):
         wrapper.reset_lora_parameters(adapter, True)
         reset.extend(wrapper.lora_A[adapter].parameters())
         reset.extend(wrapper.lora_B[adapter].parameters())

@@ -675,6 +675,10 @@ class HPAOptimizer(Optimizer):
         open: calling ``end_task`` again with the same statistics edits the untouched layers only
         (an edited layer is never edited twice) and returns the reports of all of them.
 
+        PEFT LoRA layers are planned on W_new = W + Σ scale·BA computed out of place; the merge
+        reaches the base weight only with Ŵ, and the adapters are reset when their layer is
+        written. A NaN in an adapter therefore raises ValueError with every weight as it was.
+
         With master weights the edit acts on the fp32 copy and the parameter receives its rounding;
         a snapshot of another dtype (loaded from a checkpoint of another set-up) is cast to the
         working weight's dtype for the edit, so retained columns are W_prev in that dtype.
@@ -709,14 +713,11 @@ class HPAOptimizer(Optimizer):
                     f"HPAOptimizer.end_task: no W_prev snapshot or safety statistics for {name!r} (state lost?)"
                 )
         todo = {name: layer for name, layer in self.hpa_layers.items() if name not in self._edited}
-        for layer in todo.values():
-            if layer.adapter is not None:  # PEFT LoRA: W_new = W + scale·BA, fresh adapters after
-                for param in adapters.merge_and_reset(layer.adapter, layer.module.weight):
-                    self.state.pop(param, None)
+        new_weights = {name: self._task_weight(layer) for name, layer in todo.items()}
         sharded = {  # FSDP2 / DTensor weights: one all-reduce of the column sums (hpa_kernels.distributed)
             name: (
                 self._snapshot(layer.module.weight),
-                self._working_weight(layer.module.weight),
+                new_weights[name],
                 self.state[layer.module.weight]["hpa_hinv_safety"],
                 checked[name],
                 layer.retain_ratio,
@@ -745,7 +746,7 @@ class HPAOptimizer(Optimizer):
             try:
                 plans[name] = plan_layer_update(
                     self._snapshot(weight),
-                    self._working_weight(weight),
+                    new_weights[name],
                     self.state[weight]["hpa_hinv_safety"],
                     checked[name].to(device=weight.device, dtype=torch.float32),
                     layer.retain_ratio,
@@ -760,7 +761,7 @@ class HPAOptimizer(Optimizer):
         for name, plan in plans.items():
             if not math.isfinite(plan.coef):
                 raise ValueError(f"HPAOptimizer.end_task: managed layer {name!r}: the projection coefficient overflows")
-        self._write(plans)
+        self._write(plans, new_weights)
         for layer in self.hpa_layers.values():
             state = self.state[layer.module.weight]
             for key in ("hpa_prev", "hpa_hinv_safety", "hpa_mask", "hpa_col_energy"):
@@ -776,6 +777,14 @@ class HPAOptimizer(Optimizer):
         master = self.state[weight].get("master_param") if weight in self.state else None
         return weight.detach() if master is None else master
 
+    def _task_weight(self, layer: ManagedLayer) -> Tensor:
+        """W_new of a managed layer: the working weight, or for a PEFT LoRA layer the merged weight
+        W + Σ scale·BA computed out of place (nothing in the model changes before the write)."""
+        weight = layer.module.weight
+        if layer.adapter is not None:
+            return adapters.merged_weight(layer.adapter, weight)
+        return self._working_weight(weight)
+
     def _snapshot(self, weight: Tensor) -> Tensor:
         """W_prev of ``weight`` in the working weight's dtype (a snapshot loaded from another set-up
         keeps its dtype in the state; the edit casts it)."""
@@ -783,10 +792,12 @@ class HPAOptimizer(Optimizer):
         dtype = self._working_weight(weight).dtype
         return prev if prev.dtype == dtype else prev.to(dtype)
 
-    def _write(self, plans: Mapping[str, LayerPlan]) -> None:
-        """Step 3's write, layer by layer: Ŵ is computed aside and copied in whole (into the master
-        copy and the parameter), so that a failure leaves each layer fully edited or untouched.
-        Each written layer is recorded in ``self._edited`` at once, so a retry never edits it twice."""
+    def _write(self, plans: Mapping[str, LayerPlan], new_weights: Mapping[str, Tensor]) -> None:
+        """Step 3's write, layer by layer: Ŵ is computed aside from W_prev and ``new_weights[name]``
+        (W_new) and copied in whole (into the master copy and the parameter), so that a failure
+        leaves each layer fully edited or untouched. A PEFT LoRA layer's adapters are reset once
+        its base weight holds Ŵ (which contains their merge). Each written layer is recorded in
+        ``self._edited`` at once, so a retry never edits it twice."""
         for name, plan in plans.items():
             layer = self.hpa_layers[name]
             param = layer.module.weight
@@ -794,7 +805,7 @@ class HPAOptimizer(Optimizer):
             try:
                 edited_weight = ops.hpa_apply(
                     distributed.local_tensor(self._snapshot(param)),
-                    distributed.local_tensor(working),  # a rank's own rows
+                    distributed.local_tensor(new_weights[name]),  # a rank's own rows
                     plan.mask,
                     plan.coef,
                     backend=self.backend,
@@ -803,6 +814,9 @@ class HPAOptimizer(Optimizer):
                 distributed.local_tensor(working).copy_(edited_weight)
                 if rounded is not None:  # master weights: the parameter is the rounding of Ŵ
                     distributed.local_tensor(param.detach()).copy_(rounded)
+                if layer.adapter is not None:  # PEFT LoRA: fresh adapters, their moments dropped
+                    for adapter_param in adapters.reset_adapters(layer.adapter):
+                        self.state.pop(adapter_param, None)
             except Exception as error:
                 edited = [n for n in self.hpa_layers if n in self._edited]
                 untouched = [n for n in self.hpa_layers if n not in self._edited]

@@ -994,3 +994,45 @@ def test_a_tensor_listed_twice_is_refused_by_name():
         HPAOptimizer([weight, nn.Parameter(torch.zeros(2)), weight])
     with pytest.raises(ValueError, match="'head.weight' is listed twice"):
         HPAOptimizer([("embed.weight", weight), ("head.weight", weight)])
+
+
+def test_nan_in_a_lora_adapter_leaves_every_weight_as_it_was():
+    """Issue 13: ``end_task`` on a PEFT model merged and reset the adapters before the plan was
+    checked; with a NaN in one adapter it raised, but base weights had changed and one held the NaN.
+    Now it raises with every base weight and adapter bitwise as it was, and succeeds once fixed."""
+    pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from helpers import tiny_llama
+
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    model = peft.get_peft_model(tiny_llama(32, seed=0), config)
+    optimizer = HPAOptimizer.from_model(model, lr=2e-2, backend="torch")
+    generator = torch.Generator().manual_seed(0)
+    data = [torch.randint(0, 32, (2, 6), generator=generator) for _ in range(3)]
+
+    def hinv():
+        return {name: torch.rand(layer.module.in_features, generator=generator) + 0.5
+                for name, layer in optimizer.hpa_layers.items()}  # fmt: skip
+
+    optimizer.begin_task(hinv())
+    for ids in data:
+        optimizer.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+    wrapper = next(layer.adapter for layer in optimizer.hpa_layers.values())
+    lora_b = wrapper.lora_B["default"].weight
+    saved_b = lora_b.detach().clone()
+    with torch.no_grad():
+        lora_b[0, 0] = float("nan")
+    before = _weights(model)
+    with pytest.raises(ValueError, match="NaN|Inf|finite"):
+        optimizer.end_task(hinv())
+    after = _weights(model)
+    assert before.keys() == after.keys()
+    for key, value in before.items():
+        assert torch.equal(value.isnan(), after[key].isnan()), key
+        assert torch.equal(value.nan_to_num(), after[key].nan_to_num()), key
+    with torch.no_grad():
+        lora_b.copy_(saved_b)
+    assert optimizer.end_task(hinv())
+    assert not lora_b.any()
