@@ -14,7 +14,9 @@ checkpoint after it and the two calibration statistics, Steps 1–3 need one lay
   reduce pass's work space. Every other tensor, the safetensors headers and metadata and every
   other file are copied unchanged; sharded checkpoints (``model.safetensors.index.json``) and
   single files both work, and *before* may be sharded differently from *after*. The result
-  equals ``HPAOptimizer.end_task`` on the same weights and statistics.
+  equals ``HPAOptimizer.end_task`` on the same weights and statistics. The edit is atomic: every
+  tensor is checked and planned before anything is written, and the copy is written into a
+  temporary folder renamed to ``--out`` only on success.
 
 Depth from tensor names (:func:`block_depths`) [decision]: a bare checkpoint has no module tree,
 so the block of a tensor is the first dotted component of its name that is a decimal integer
@@ -29,9 +31,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import shutil
 import struct
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
@@ -42,7 +46,7 @@ from torch import Tensor
 
 from . import ops
 from .config import SELECTION_MODES, HPAConfig
-from .functional import plan_layer_update, retention_schedule
+from .functional import LayerPlan, plan_layer_update, retention_schedule
 from .optim import LayerReport
 
 __all__ = [
@@ -117,14 +121,6 @@ def _header(path: Path) -> tuple[int, dict[str, Any]]:
         header = json.loads(handle.read(size))
     header.pop("__metadata__", None)
     return 8 + size, header
-
-
-def _entries(files: Mapping[str, Path]) -> dict[str, dict[str, Any]]:
-    """``{tensor name: header entry}`` (dtype, shape, data_offsets) over a checkpoint's files."""
-    entries: dict[str, dict[str, Any]] = {}
-    for path in sorted(set(files.values())):
-        entries.update(_header(path)[1])
-    return entries
 
 
 def save_hinv(hinv: Mapping[str, Tensor], path: str | Path, metadata: Mapping[str, str] | None = None) -> None:
@@ -234,6 +230,27 @@ def calibrate_checkpoint(
     return {f"{name}.weight": vec for name, vec in hinv.items()}
 
 
+def _check_files(files: Mapping[str, Path], what: str) -> dict[str, dict[str, Any]]:
+    """``{tensor name: header entry}`` of a checkpoint, checking that every file its index names
+    exists and holds the tensors the index puts there.
+
+    Raises:
+        ValueError: a missing file, or a tensor the index places in a file that does not hold it.
+    """
+    headers: dict[Path, dict[str, Any]] = {}
+    for path in sorted(set(files.values())):
+        if not path.is_file():
+            raise ValueError(f"{what}: the index names {path}, which does not exist")
+        headers[path] = _header(path)[1]
+    for name, path in files.items():
+        if name not in headers[path]:
+            raise ValueError(f"{what}: the index puts {name!r} in {path.name}, which does not hold it")
+    entries: dict[str, dict[str, Any]] = {}
+    for header in headers.values():
+        entries.update(header)
+    return entries
+
+
 def adjust_checkpoint(
     before: str | Path,
     after: str | Path,
@@ -246,6 +263,13 @@ def adjust_checkpoint(
 ) -> dict[str, LayerReport]:
     """HPA_SPEC.md Steps 1–3 on checkpoint directories, tensor by tensor (see the module doc).
 
+    Atomic: a first pass checks everything (the backend, the indexes against their files, names,
+    shapes, dtypes, hinv vectors) and plans every tensor (Steps 1–2 and c_l, which also catches
+    NaN / Inf in either checkpoint) with nothing written; a second pass writes the copy into a
+    temporary folder beside ``out`` (re-reading each W_prev, W_new once more: twice the reads of
+    one pass) that is renamed to ``out`` only when every tensor is written. A failure leaves no
+    ``out`` (an empty ``out`` that existed stays as it was) and no temporary folder.
+
     Args:
         before: the checkpoint W_prev (before the task).
         after: the checkpoint W_new (after it); ``out`` gets its layout and every file of it.
@@ -254,27 +278,30 @@ def adjust_checkpoint(
         out: the new directory (must not exist, or be empty).
         config: HPA knobs (``p_max``, ``p_min``, ``focus_multiplier``, ``alpha_bounds``,
             ``orthogonal``, ``selection``).
-        backend: kernels backend of the two passes.
+        backend: kernels backend of the two passes (CPU tensors).
 
     Returns:
         ``{weight tensor name: LayerReport}``.
 
     Raises:
         FileExistsError: ``out`` exists and is not empty.
-        RuntimeError / OSError: while writing (``out`` is then incomplete: delete it).
-        ValueError: the two hinv files name different tensors, a named tensor missing from a
-            checkpoint, shapes or dtypes that differ between the checkpoints, a hinv of the wrong
-            length or not positive; checked for every tensor before ``out`` is created.
+        ValueError: an unknown or unavailable backend, an index naming a missing file or a file
+            without the tensor, the two hinv files naming different tensors, a named tensor
+            missing from a checkpoint, shapes or dtypes that differ between the checkpoints, a hinv
+            of the wrong length or not positive, NaN / Inf in a named tensor, or a projection
+            coefficient that overflows (the tensor is named); all before anything is written.
+        RuntimeError / OSError: while writing (``out`` is then not created).
     """
     from safetensors import safe_open
 
     config = config or HPAConfig()
+    backend = ops.resolve_backend(backend, torch.device("cpu"))
     hinv_safety = dict(safety) if isinstance(safety, Mapping) else load_hinv(safety)
     hinv_task = dict(task) if isinstance(task, Mapping) else load_hinv(task)
     if set(hinv_safety) != set(hinv_task):
         raise ValueError(f"safety and task hinv name different tensors: {sorted(set(hinv_safety) ^ set(hinv_task))}")
     before_files, after_files = checkpoint_files(before), checkpoint_files(after)
-    before_entries, after_entries = _entries(before_files), _entries(after_files)
+    before_entries, after_entries = _check_files(before_files, "before"), _check_files(after_files, "after")
     for name in hinv_task:
         if name not in after_entries or name not in before_entries:
             raise ValueError(f"{name!r} is not in both checkpoints")
@@ -288,64 +315,84 @@ def adjust_checkpoint(
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty")
-    shutil.copytree(after, out, dirs_exist_ok=True)
 
     depths = block_depths(hinv_task, after_files)
     ratios = {
         name: config.p_max if block is None else retention_schedule(count, config.p_max, config.p_min)[block]
         for name, (block, count) in depths.items()
     }
-    reports: dict[str, LayerReport] = {}
     with ExitStack() as stack:
         opened: dict[Path, Any] = {}
 
-        def reader(path: Path) -> Any:
-            if path not in opened:
-                opened[path] = stack.enter_context(safe_open(str(path), framework="pt"))
-            return opened[path]
+        def pair(name: str) -> tuple[Tensor, Tensor]:
+            for path in (before_files[name], after_files[name]):
+                if path not in opened:
+                    opened[path] = stack.enter_context(safe_open(str(path), framework="pt"))
+            return opened[before_files[name]].get_tensor(name), opened[after_files[name]].get_tensor(name)
 
-        for path in sorted(set(after_files.values())):
-            data_start, header = _header(path)
-            edits = sorted((entry["data_offsets"][0], name) for name, entry in header.items() if name in hinv_task)
-            if not edits:
-                continue
-            with open(out / path.relative_to(after), "r+b") as target:
-                for offset, name in edits:
-                    w_prev = reader(before_files[name]).get_tensor(name)
-                    w_new = reader(path).get_tensor(name)
-                    plan = plan_layer_update(
-                        w_prev,
-                        w_new,
-                        hinv_safety[name],
-                        hinv_task[name],
-                        ratios[name],
-                        alpha_bounds=config.alpha_bounds,
-                        focus_multiplier=config.focus_multiplier,
-                        orthogonal=config.orthogonal,
-                        mode=config.selection,
-                        backend=backend,
-                    )
-                    edited = ops.hpa_apply(w_prev, w_new, plan.mask, plan.coef, out=w_new, backend=backend)
-                    del w_prev
-                    raw = edited.contiguous().reshape(-1).view(torch.uint8).numpy()
-                    begin, end = header[name]["data_offsets"]
-                    if raw.nbytes != end - begin:
-                        raise RuntimeError(f"{name!r}: {raw.nbytes} bytes to write into {end - begin}")
-                    target.seek(data_start + offset)
-                    target.write(memoryview(raw))
-                    rows, columns = edited.shape
-                    reports[name] = LayerReport(
-                        retain_ratio=ratios[name],
-                        alpha=plan.alpha,
-                        num_safety=plan.num_safety,
-                        num_task=plan.num_task,
-                        num_shared=plan.num_shared,
-                        num_retained=plan.num_retained,
-                        num_columns=columns,
-                        coef=plan.coef,
-                    )
-                    del edited, w_new, raw
-    return {name: reports[name] for name in hinv_task}
+        plans: dict[str, LayerPlan] = {}
+        for name in sorted(hinv_task):  # pass 1: every check and every plan, nothing written
+            w_prev, w_new = pair(name)
+            try:
+                plans[name] = plan_layer_update(
+                    w_prev,
+                    w_new,
+                    hinv_safety[name],
+                    hinv_task[name],
+                    ratios[name],
+                    alpha_bounds=config.alpha_bounds,
+                    focus_multiplier=config.focus_multiplier,
+                    orthogonal=config.orthogonal,
+                    mode=config.selection,
+                    backend=backend,
+                )
+            except ValueError as error:
+                raise ValueError(f"{name!r}: {error}") from error
+            if not math.isfinite(plans[name].coef):
+                raise ValueError(f"{name!r}: the projection coefficient overflows")
+            del w_prev, w_new
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+        try:
+            shutil.copytree(after, staging, dirs_exist_ok=True)
+            for path in sorted(set(after_files.values())):  # pass 2: the writes, into the staging copy
+                data_start, header = _header(path)
+                edits = sorted((entry["data_offsets"][0], name) for name, entry in header.items() if name in plans)
+                if not edits:
+                    continue
+                with open(staging / path.relative_to(after), "r+b") as target:
+                    for offset, name in edits:
+                        w_prev, w_new = pair(name)
+                        plan = plans[name]
+                        edited = ops.hpa_apply(w_prev, w_new, plan.mask, plan.coef, out=w_new, backend=backend)
+                        del w_prev
+                        raw = edited.contiguous().reshape(-1).view(torch.uint8).numpy()
+                        begin, end = header[name]["data_offsets"]
+                        if raw.nbytes != end - begin:
+                            raise RuntimeError(f"{name!r}: {raw.nbytes} bytes to write into {end - begin}")
+                        target.seek(data_start + offset)
+                        target.write(memoryview(raw))
+                        del edited, w_new, raw
+            if out.exists():
+                out.rmdir()  # empty (checked above)
+            staging.rename(out)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    return {
+        name: LayerReport(
+            retain_ratio=ratios[name],
+            alpha=plans[name].alpha,
+            num_safety=plans[name].num_safety,
+            num_task=plans[name].num_task,
+            num_shared=plans[name].num_shared,
+            num_retained=plans[name].num_retained,
+            num_columns=after_entries[name]["shape"][1],
+            coef=plans[name].coef,
+        )
+        for name in hinv_task
+    }
 
 
 def calibrate_main(argv: Sequence[str] | None = None) -> int:

@@ -171,3 +171,70 @@ def test_adjust_streams_bf16_tensors_and_checks_before_writing(tmp_path) -> None
     assert torch.equal(out["embed.weight"], after["embed.weight"])
     with pytest.raises(FileExistsError):
         adjust_checkpoint(tmp_path / "before", tmp_path / "after", hinv_s, hinv_t, tmp_path / "out")
+
+
+def _sharded_pair(tmp_path, generator):
+    """before / after checkpoints of four (6, 5) fp32 tensors in two shards with an index."""
+    names = [f"model.layers.{i}.proj.weight" for i in range(4)]
+    before = {name: torch.randn(6, 5, generator=generator) for name in names}
+    after = {name: t + 0.1 * torch.randn(t.shape, generator=generator) for name, t in before.items()}
+    for directory, tensors in (("before", before), ("after", after)):
+        (tmp_path / directory).mkdir()
+        shards = {"a.safetensors": names[:2], "b.safetensors": names[2:]}
+        for file, members in shards.items():
+            safetensors_torch.save_file({n: tensors[n] for n in members}, str(tmp_path / directory / file))
+        weight_map = {n: file for file, members in shards.items() for n in members}
+        (tmp_path / directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    hinv = {name: torch.rand(5, generator=generator) + 0.5 for name in names}
+    return names, after, hinv
+
+
+@pytest.mark.parametrize("failure", ["nan", "wrong_shard", "missing_shard", "backend", "write"])
+@pytest.mark.parametrize("out_exists", [False, True], ids=["no-out", "empty-out"])
+def test_failed_adjust_leaves_no_checkpoint(tmp_path, monkeypatch, failure: str, out_exists: bool) -> None:
+    """Issue 13: a failed hpa-adjust (a NaN in one tensor of the *after* checkpoint, a wrong shard
+    in an index, an unknown --backend) left ``--out`` holding a half-edited checkpoint that loads
+    normally. Every check now runs before anything is written and the copy is renamed into place
+    only on success: after a failure ``--out`` is as it was and no temporary folder is left."""
+    from hpa_kernels import ops
+
+    names, after, hinv = _sharded_pair(tmp_path, torch.Generator().manual_seed(0))
+    backend = "torch"
+    if failure == "nan":
+        after[names[3]][2, 1] = float("nan")
+        safetensors_torch.save_file({n: after[n] for n in names[2:]}, str(tmp_path / "after" / "b.safetensors"))
+    elif failure in ("wrong_shard", "missing_shard"):
+        index = tmp_path / "after" / "model.safetensors.index.json"
+        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map[names[3]] = "a.safetensors" if failure == "wrong_shard" else "c.safetensors"
+        index.write_text(json.dumps({"weight_map": weight_map}))
+    elif failure == "backend":
+        backend = "no-such-backend"
+    else:
+        real, calls = ops.hpa_apply, []
+
+        def failing(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 3:
+                raise RuntimeError("disk full")
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(ops, "hpa_apply", failing)
+    out = tmp_path / "out"
+    if out_exists:
+        out.mkdir()
+    save_hinv({name.removesuffix(".weight"): vec for name, vec in hinv.items()}, tmp_path / "hinv.safetensors")
+    argv = ["--before", str(tmp_path / "before"), "--after", str(tmp_path / "after"), "--out", str(out)]
+    argv += ["--safety", str(tmp_path / "hinv.safetensors"), "--task", str(tmp_path / "hinv.safetensors")]
+    error = RuntimeError if failure == "write" else ValueError
+    match = {"nan": "NaN", "wrong_shard": "does not hold", "missing_shard": "does not exist",
+             "backend": "unknown HPA kernels backend", "write": "disk full"}[failure]  # fmt: skip
+    with pytest.raises(error, match=match):
+        adjust_main([*argv, "--backend", backend])
+    assert (out.is_dir() and not any(out.iterdir())) if out_exists else not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["before", "after", "hinv.safetensors", *(["out"] if out_exists else [])]
+    )
+    if failure == "write":
+        monkeypatch.undo()
+        assert adjust_main([*argv, "--backend", backend]) == 0 and set(stored(out)) == set(names)
