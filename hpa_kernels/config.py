@@ -26,10 +26,17 @@ class HPAConfig:
         selection: ``"balanced"`` (Step 2 in full), ``"safety_only"`` (retain only
             S \\ O, capped to the budget) or ``"balance_only"`` (retain only from O by φ):
             the paper's ablations.
-        extra_layers: names (as in ``model.named_modules()``) of ``nn.Linear`` layers
-            outside the repeated blocks that HPA should manage too; they take the
-            retain ratio ``p_max`` [decision: outside the block stack there is no depth,
-            and the conservative ratio is the larger one].
+        extra_layers: exact names (as in ``model.named_modules()``) of linear layers
+            (``nn.Linear``, ``Conv1D``) that HPA should manage too; outside the repeated
+            blocks they take the retain ratio ``p_max`` [decision: outside the block stack
+            there is no depth, and the conservative ratio is the larger one].
+        include: ``fnmatch`` patterns (``*`` also crosses dots) of ``named_modules()`` names:
+            the linear layers they match are managed on request, beyond the default scope
+            (the vision tower's blocks, with their own depth schedule: ``"*vision_tower*"``;
+            the projector; the heads; frozen layers). Each pattern must match a linear layer.
+        exclude: ``fnmatch`` patterns of layers never managed; they win over the default
+            scope, ``include`` and ``extra_layers`` (``"*.mlp.*"``: attention only).
+            See :mod:`hpa_kernels.layers` for the whole rule.
         online: apply the current column mask and the orthogonal constraint inside
             every training step (DESIGN.md § Kernels, the online step).
         refresh_every: with ``online``, recompute the column mask every this many steps
@@ -49,6 +56,8 @@ class HPAConfig:
     orthogonal: bool = True
     selection: str = "balanced"
     extra_layers: tuple[str, ...] = field(default_factory=tuple)
+    include: tuple[str, ...] = field(default_factory=tuple)
+    exclude: tuple[str, ...] = field(default_factory=tuple)
     online: bool = False
     refresh_every: int = 0
     safety_samples: int = 8
@@ -75,9 +84,14 @@ class HPAConfig:
             raise ValueError(f"HPAConfig.damping must be > 0, got {self.damping}")
         if self.selection not in SELECTION_MODES:
             raise ValueError(f"HPAConfig.selection must be one of {SELECTION_MODES}, got {self.selection!r}")
-        if isinstance(self.extra_layers, str):
-            raise ValueError("HPAConfig.extra_layers must be a sequence of module names, not one string")
-        object.__setattr__(self, "extra_layers", tuple(self.extra_layers))
+        for name in ("extra_layers", "include", "exclude"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                raise ValueError(f"HPAConfig.{name} must be a sequence of module names or patterns, not one string")
+            value = tuple(value)
+            if not all(isinstance(item, str) and item for item in value):
+                raise ValueError(f"HPAConfig.{name} must hold non-empty strings, got {value!r}")
+            object.__setattr__(self, name, value)
         if not isinstance(self.refresh_every, int) or self.refresh_every < 0:
             raise ValueError(f"HPAConfig.refresh_every must be an int >= 0, got {self.refresh_every!r}")
         for name in ("safety_samples", "task_samples"):

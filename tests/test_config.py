@@ -18,3 +18,11 @@ def test_config_validates_itself():
         with pytest.raises(ValueError):
             HPAConfig(**kwargs)
     assert HPAConfig().alpha_bounds == (0.4, 0.8)
+
+
+def test_include_and_exclude_are_tuples_of_patterns():
+    config = HPAConfig(include=["*vision_tower*"], exclude=("*.mlp.*",))
+    assert config.include == ("*vision_tower*",) and config.exclude == ("*.mlp.*",)
+    for kwargs in ({"include": "*vision*"}, {"exclude": ("",)}, {"include": (3,)}):
+        with pytest.raises(ValueError):
+            HPAConfig(**kwargs)

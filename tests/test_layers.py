@@ -1,6 +1,7 @@
-"""Finding the managed nn.Linear layers and their block depth."""
+"""Finding the managed linear layers (nn.Linear, Conv1D), their block depth, include / exclude, warnings."""
 
 import pytest
+import torch
 from helpers import TinyModel
 from torch import nn
 
@@ -60,3 +61,79 @@ def test_tied_weights_are_refused():
     model.blocks[1].k.weight = model.blocks[1].q.weight
     with pytest.raises(ValueError, match="share one weight"):
         find_hpa_layers(model)
+
+
+def test_hybrid_stack_of_mixed_block_classes():
+    """[decision] Blocks of different classes (Jamba's attention and Mamba blocks) form one stack."""
+
+    class Mixer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.in_proj = nn.Linear(4, 4)
+
+    model = nn.Module()
+    model.layers = nn.ModuleList([nn.Sequential(nn.Linear(4, 4)), Mixer(), nn.Sequential(nn.Linear(4, 4))])
+    layers = find_hpa_layers(model)
+    assert list(layers) == ["layers.0.0", "layers.1.in_proj", "layers.2.0"]
+    assert [layer.block for layer in layers.values()] == [0, 1, 2]
+
+
+def test_include_and_exclude_patterns():
+    model = TinyModel(depth=3)
+    attention_only = find_hpa_layers(model, HPAConfig(exclude=("*.o",)))
+    assert sorted(attention_only) == sorted(f"blocks.{b}.{n}" for b in range(3) for n in ("q", "k"))
+    with_head = find_hpa_layers(model, HPAConfig(include=("he*",)))
+    assert with_head["head"].block is None and with_head["head"].part == "other"
+    assert with_head["head"].retain_ratio == 0.15
+    excluded_wins = find_hpa_layers(model, HPAConfig(include=("head",), exclude=("head",)))
+    assert "head" not in excluded_wins
+    with pytest.raises(ValueError, match=r"include pattern 'embed' matches no nn.Linear"):
+        find_hpa_layers(model, HPAConfig(include=("embed",)))
+
+
+def test_frozen_layers_are_skipped_with_a_warning_unless_named():
+    model = TinyModel(depth=2)
+    model.blocks[0].q.requires_grad_(False)
+    with pytest.warns(UserWarning, match=r"skips 1 frozen layer.*blocks\.0\.q"):
+        layers = find_hpa_layers(model)
+    assert "blocks.0.q" not in layers and "blocks.1.q" in layers
+    named = find_hpa_layers(model, HPAConfig(include=("blocks.0.q",)))
+    assert named["blocks.0.q"].block == 0
+
+
+def test_non_linear_weights_in_the_blocks_are_named_in_a_warning():
+    """A fused 3-D expert weight inside a block is no linear layer: never edited, never silent."""
+
+    class Experts(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate_up_proj = nn.Parameter(torch.zeros(4, 6, 3))
+
+    model = TinyModel(depth=2, width=3)
+    for block in model.blocks:
+        block.experts = Experts()
+    with pytest.warns(UserWarning, match=r"Experts\.gate_up_proj \(4, 6, 3\): blocks\.0\.experts\.gate_up_proj"):
+        layers = find_hpa_layers(model)
+    assert len(layers) == 6
+
+
+def test_nothing_managed_says_why():
+    with pytest.warns(UserWarning, match="has no block stack"):
+        assert find_hpa_layers(nn.Sequential(nn.Linear(3, 3))) == {}
+    model = TinyModel(depth=2)
+    with pytest.warns(UserWarning, match="frozen or excluded"):
+        assert find_hpa_layers(model, HPAConfig(exclude=("blocks.*",))) == {}
+
+
+def test_conv1d_is_a_linear_layer_with_input_feature_columns():
+    pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    model = nn.Module()
+    model.blocks = nn.ModuleList([nn.Sequential(Conv1D(7, 5)) for _ in range(2)])  # weight (5, 7): in 5, out 7
+    layers = find_hpa_layers(model)
+    layer = layers["blocks.1.0"]
+    assert layer.transposed and layer.in_features == 5 and layer.block == 1
+    assert layer.hpa_view(layer.module.weight).shape == (7, 5)
+    assert layer.hpa_view(layer.module.weight).data_ptr() == layer.module.weight.data_ptr()  # a view
+    assert find_hpa_layers(model, HPAConfig(extra_layers=("blocks.0.0",)))["blocks.0.0"].block == 0
