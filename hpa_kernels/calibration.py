@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .distributed import all_reduce_calibration, resolve_group
 from .functional import hinv_diagonal
+from .layers import LANGUAGE_PARTS, _within, find_block_stacks, in_features, is_linear, stack_parts
+
+_ABSENT = object()  # a forward call without an ``attention_mask`` keyword
 
 
 class _Group:
@@ -34,11 +38,42 @@ class _Group:
         self.discard()
 
 
+def _call_mask(kwargs: Mapping[str, Any]) -> Tensor | None | object:
+    """The (B, t) bool mask of the positions a forward call computes, from its keywords: ``None``
+    for ``attention_mask=None`` (every position counts), ``_ABSENT`` without a 2-D mask."""
+    mask = kwargs.get("attention_mask", _ABSENT)
+    if mask is None:
+        return None
+    if not isinstance(mask, Tensor) or mask.dim() != 2:
+        return _ABSENT  # a 4-D mask inside a model is built from a 2-D one further out
+    mask = mask.detach() != 0
+    sequence = next(
+        (kwargs[key] for key in ("input_ids", "inputs_embeds") if isinstance(kwargs.get(key), Tensor)), None
+    )
+    if sequence is not None and sequence.dim() >= 2 and sequence.shape[1] < mask.shape[1]:
+        mask = mask[:, -sequence.shape[1] :]  # decoding with a KV cache: the mask covers the cached positions too
+    return mask
+
+
+class _Call:
+    """The masks of one forward call of a module above a block stack (from its keyword arguments)."""
+
+    __slots__ = ("mask", "encoder_states", "encoder_mask")
+
+    def __init__(self, kwargs: Mapping[str, Any]) -> None:
+        self.mask = _call_mask(kwargs)
+        self.encoder_states = kwargs.get("encoder_hidden_states")
+        encoder_mask = kwargs.get("encoder_attention_mask")
+        self.encoder_mask = (
+            encoder_mask.detach() != 0 if isinstance(encoder_mask, Tensor) and encoder_mask.dim() == 2 else None
+        )
+
+
 class HessianCollector:
     """Forward hooks that accumulate each managed layer's input Hessian, label-free.
 
-    For a layer ``nn.Linear(c, r)`` whose inputs, over the calibration set and without padding
-    positions, stack to X of shape (n_tokens, c)::
+    For a linear layer with c input features (``nn.Linear(c, r)``, ``Conv1D(r, c)``) whose inputs,
+    over the calibration set and without padding positions, stack to X of shape (n_tokens, c)::
 
         H = (2 / n_tokens) · Xᵀ X          (c × c, accumulated in fp32 whatever the model dtype)
 
@@ -55,10 +90,27 @@ class HessianCollector:
                 model(**batch)
         hinv = hc.hinv()            # {name: Tensor[in_features]}
 
+    **Which positions count** (HPA_SPEC.md Step 0: padding is excluded). The masks are read from
+    the model's own forward calls, so multimodal, encoder-decoder and ``generate`` calls need no
+    help: each block stack takes the 2-D ``attention_mask`` keyword of the outermost module above
+    it that is above no other stack (a LLaVA's language model, each ``T5Stack``, or the model
+    itself), so the text decoder of a multimodal model gets the mask of its own input sequence,
+    image tokens included (they count as tokens), and each stack of an encoder-decoder its own
+    mask; a decoder layer reading the encoder's output (cross-attention keys and values) takes that
+    call's ``encoder_attention_mask``. When a call's sequence (``input_ids`` / ``inputs_embeds``) is
+    shorter than its mask (``generate`` with a KV cache), the mask's last positions are used. A call
+    with ``attention_mask=None`` counts every position. The layers of a tower (the vision tower of a
+    multimodal model, :func:`hpa_kernels.layers.stack_parts`) count every patch, never masked.
+    Layers outside every block stack take the model call's mask when their input is laid out as
+    (B, T, c) with the mask's (B, T), else count every row (a projector reading image features).
+    [decision] Inside a stack, a 2-D input whose rows are not the B·T positions (tokens routed to
+    one expert) counts every row: routing loses the positions. Only where no forward call gave a
+    mask does :meth:`set_attention_mask` apply, strictly.
+
     Args:
         model: the model the layers belong to (names are taken from ``model.named_modules()``).
         layers: the layers to watch: a mapping ``{name: nn.Linear}`` (or ``{name: ManagedLayer}``,
-            as ``HPAOptimizer.hpa_layers``) or an iterable of module names.
+            as ``HPAOptimizer.hpa_layers``) or an iterable of module names; ``Conv1D`` layers too.
         all_reduce: sum XᵀX and the token counts over the data-parallel ranks (DDP, FSDP2) before
             forming H: ``None`` (default) when ``torch.distributed`` is initialised with more than
             one rank, ``True`` always, ``False`` never. When it applies, the first call of
@@ -68,7 +120,7 @@ class HessianCollector:
         process_group: the data-parallel group (default: the whole world).
 
     Raises:
-        ValueError: a name that is not an ``nn.Linear`` of ``model``.
+        ValueError: a name that is not an ``nn.Linear`` (or ``Conv1D``) of ``model``.
     """
 
     def __init__(
@@ -81,12 +133,31 @@ class HessianCollector:
     ) -> None:
         modules = dict(model.named_modules())
         names = list(layers.keys()) if isinstance(layers, Mapping) else list(layers)
-        self._layers: dict[str, nn.Linear] = {}
+        self._layers: dict[str, nn.Module] = {}
         for name in names:
             module = modules.get(name)
-            if not isinstance(module, nn.Linear):
-                raise ValueError(f"HessianCollector: {name!r} is not an nn.Linear of the model")
+            if module is None or not is_linear(module):
+                raise ValueError(f"HessianCollector: {name!r} is not an nn.Linear (or Conv1D) of the model")
             self._layers[name] = module
+        self._scope: dict[str, tuple[int, ...] | None] = {}  # None: a tower layer, never masked
+        self._chain_modules: dict[int, nn.Module] = {}
+        stacks = [stack for stack, _ in find_block_stacks(model)]
+        parts = stack_parts(model, stacks)
+        for name in names:
+            stack = next((s for s in stacks if _within(name, s)), None)
+            if stack is not None and parts[stack] not in LANGUAGE_PARTS:
+                self._scope[name] = None
+                continue
+            chain: list[int] = []
+            if stack is not None:  # the modules above the stack and above no other stack, outermost first
+                components = stack.split(".") if stack else []
+                for depth in range(len(components)):
+                    above = ".".join(components[:depth])
+                    if all(other == stack or not _within(other, above) for other in stacks):
+                        chain.append(id(modules[above]))
+                        self._chain_modules[id(modules[above])] = modules[above]
+            self._scope[name] = tuple(chain)
+        self._calls: dict[int, _Call] = {}  # the calls in progress of the chain modules and the model
         self._group_of: dict[str, _Group] = {}
         self._last: tuple[Tensor, _Group] | None = None
         self._mask: Tensor | None = None
@@ -101,8 +172,13 @@ class HessianCollector:
         if self._handles:
             raise RuntimeError("HessianCollector is already active")
         # Each forward of the whole model starts afresh: an input tensor is only "shared" within one pass.
-        self._handles.append(self._model.register_forward_pre_hook(self._new_pass))
+        self._handles.append(self._model.register_forward_pre_hook(self._new_pass, with_kwargs=True))
         self._handles.append(self._model.register_forward_hook(self._end_pass))
+        for module in self._chain_modules.values():
+            if module is self._model:
+                continue
+            self._handles.append(module.register_forward_pre_hook(self._enter, with_kwargs=True))
+            self._handles.append(module.register_forward_hook(self._leave, always_call=True))
         for name, module in self._layers.items():
             self._handles.append(module.register_forward_pre_hook(self._make_hook(name)))
         return self
@@ -115,9 +191,16 @@ class HessianCollector:
         self._mask = None
         self._end_pass(commit=False)  # a pass still open here raised: it does not count
 
-    def _new_pass(self, module: nn.Module, args: tuple) -> None:
+    def _new_pass(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         self._end_pass(commit=False)  # a pass still open here raised: it does not count
         self._in_pass = True
+        self._calls[id(module)] = _Call(kwargs)
+
+    def _enter(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        self._calls[id(module)] = _Call(kwargs)
+
+    def _leave(self, module: nn.Module, args: tuple, output: object) -> None:
+        self._calls.pop(id(module), None)
 
     def _end_pass(self, *hook_args: object, commit: bool = True) -> None:
         for group in set(self._group_of.values()):
@@ -128,14 +211,18 @@ class HessianCollector:
             group.last_input = None
         self._last = None
         self._in_pass = False
+        self._calls.clear()
 
     def set_attention_mask(self, attention_mask: Tensor | None) -> None:
-        """Mask for the following forward passes: positions where it is 0 are padding.
+        """Mask for the following forward passes where the forward call gives none (a model whose
+        forward takes no ``attention_mask`` keyword; see *Which positions count*): positions where
+        it is 0 are padding. Tower layers are never masked.
 
         Args:
             attention_mask: (B, T) of 0/1 (any integer, bool or float dtype), or ``None`` to
                 count every position. Layer inputs of shape (B, T, c) keep the rows where the
-                mask is non-zero; inputs of shape (B·T, c) are matched against the flattened mask.
+                mask is non-zero; inputs of shape (B·T, c) are matched against the flattened mask;
+                any other shape raises ``ValueError`` in the forward.
         """
         self._mask = None if attention_mask is None else attention_mask.detach() != 0
 
@@ -148,14 +235,38 @@ class HessianCollector:
         return hook
 
     def _rows(self, name: str, x: Tensor) -> Tensor:
-        c = x.shape[-1]
-        if self._mask is None:
+        """The rows of ``x`` (..., c) that count, as (n, c) (see *Which positions count*)."""
+        scope = self._scope.get(name, ())
+        if scope is None:
+            return self._select(name, x, None, routed=False)
+        for key in scope:
+            call = self._calls.get(key)
+            if call is None:
+                continue
+            if call.encoder_states is x:
+                return self._select(name, x, call.encoder_mask, routed=True)
+            if call.mask is not _ABSENT:
+                return self._select(name, x, call.mask, routed=True)
+        if not scope:
+            call = self._calls.get(id(self._model))
+            if call is not None and call.mask is not _ABSENT:
+                fits = call.mask is not None and tuple(x.shape[:-1]) == tuple(call.mask.shape)
+                return self._select(name, x, call.mask if fits else None, routed=False)
+        return self._select(name, x, self._mask, routed=False)
+
+    def _select(self, name: str, x: Tensor, mask: Tensor | None, *, routed: bool) -> Tensor:
+        """``x`` (..., c) reduced to its rows where ``mask`` (B, T) is set, as (n, c); with
+        ``routed``, a 2-D ``x`` that is not (B·T, c) keeps every row."""
+        x, c = x.detach(), x.shape[-1]
+        if mask is None:
             return x.reshape(-1, c)
-        mask = self._mask.to(x.device)
+        mask = mask.to(x.device)
         if tuple(x.shape[:-1]) == tuple(mask.shape):
             return x[mask]
         if x.dim() == 2 and x.shape[0] == mask.numel():
             return x[mask.reshape(-1)]
+        if routed and x.dim() == 2:
+            return x
         raise ValueError(
             f"HessianCollector: attention mask of shape {tuple(mask.shape)} does not match the input of "
             f"{name!r}, shape {tuple(x.shape)} (expected leading dims equal to the mask's)"
@@ -172,7 +283,7 @@ class HessianCollector:
             self._group_of[name] = group
         if group.last_input is x:
             return  # another layer of the group already counted this input
-        rows = self._rows(name, x.detach()).float()
+        rows = self._rows(name, x).float()  # x itself: cross-attention inputs are told by identity
         xtx = rows.T @ rows
         group.pending_xtx = xtx if group.pending_xtx is None else group.pending_xtx + xtx
         group.pending_tokens += rows.shape[0]
@@ -199,7 +310,7 @@ class HessianCollector:
             leaders,
             {lead: g.xtx for lead, g in owned.items() if g.xtx is not None},
             {lead: g.tokens for lead, g in owned.items()},
-            [module.in_features for module in self._layers.values()],
+            [in_features(module) for module in self._layers.values()],
             group,
         )
         merged: dict[int, _Group] = {}

@@ -23,7 +23,7 @@ This module imports ``transformers`` (install the ``cvit`` or ``test`` extra).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -33,7 +33,7 @@ from transformers import TrainerCallback
 from .calibration import HessianCollector
 from .optim import HPAOptimizer, LayerReport
 
-__all__ = ["HPACallback", "calibrate", "take_samples"]
+__all__ = ["HPACallback", "calibrate", "decoder_attention_mask", "take_samples"]
 
 _NOT_INPUTS = ("labels", "label", "label_ids")
 
@@ -43,23 +43,51 @@ def _device_of(model: nn.Module) -> torch.device:
     return parameter.device if parameter is not None else torch.device("cpu")
 
 
+def decoder_attention_mask(labels: Tensor) -> Tensor:
+    """The decoder positions that hold a token when the decoder input is ``labels`` shifted right
+    (as a seq2seq model's loss derives it): position 0 (the start token) and every t whose
+    ``labels[:, t - 1]`` is not ``-100``.
+
+    Args:
+        labels: (B, T) integer, ``-100`` where the loss ignores a position.
+
+    Returns:
+        (B, T) int64 of 0/1.
+    """
+    mask = torch.ones_like(labels, dtype=torch.long)
+    mask[:, 1:] = (labels[:, :-1] != -100).long()
+    return mask
+
+
 @torch.no_grad()
 def calibrate(
     model: nn.Module,
     optimizer: HPAOptimizer,
     batches: Iterable[Mapping[str, Any]],
+    *,
+    forward: Callable[[nn.Module, dict[str, Any]], object] | None = None,
     **collector_kwargs: Any,
 ) -> dict[str, Tensor]:
     """The ``hinv`` vectors of every managed layer of ``optimizer`` on ``batches`` (HPA_SPEC.md Step 0).
 
-    Runs ``model(**batch)`` in eval mode without gradients (the training mode is restored), each
-    batch moved to the model's device, ``labels`` dropped and padding excluded through the batch's
-    ``attention_mask`` when it has one.
+    Runs ``model(**batch)`` (or ``forward(model, batch)``) in eval mode without gradients (the
+    training mode is restored), each batch moved to the model's device and ``labels`` dropped.
+    Padding is excluded through the masks the model's own forward calls receive (see
+    :class:`HessianCollector`, *Which positions count*): the batch's ``attention_mask`` for a
+    decoder-only or encoder-only model and for the text decoder of a multimodal one (image tokens
+    count, pixel values go through as given), each stack its own mask for an encoder-decoder.
+    An encoder-decoder batch with ``labels`` and no ``decoder_input_ids`` keeps its ``labels`` (the
+    model derives its decoder inputs from them, as its loss does) and gets a
+    ``decoder_attention_mask`` from them (:func:`decoder_attention_mask`) when it has none.
 
     Args:
         model: the model whose layers ``optimizer`` manages (a PEFT model included).
         optimizer: gives the layers (``hpa_layers``) and the damping (``hpa.damping``).
-        batches: mappings of model inputs, e.g. ``{"input_ids": (B, T), "attention_mask": (B, T)}``.
+        batches: mappings of model inputs, e.g. ``{"input_ids": (B, T), "attention_mask": (B, T)}``,
+            plus ``pixel_values`` (and ``image_grid_thw``, ...) for a multimodal model.
+        forward: how one batch is run, e.g. ``lambda m, b: m.generate(**b, max_new_tokens=16)`` to
+            calibrate on the model's own answers (every forward of the generation counts; the
+            positions a finished sequence keeps generating count too); default ``model(**batch)``.
         **collector_kwargs: ``all_reduce``, ``process_group`` for :class:`HessianCollector`.
 
     Returns:
@@ -71,6 +99,7 @@ def calibrate(
     was_training = model.training
     model.eval()
     device = _device_of(model)
+    encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
     try:
         with HessianCollector(model, optimizer.hpa_layers, **collector_kwargs) as collector:
             for batch in batches:
@@ -79,8 +108,19 @@ def calibrate(
                     for key, value in batch.items()
                     if key not in _NOT_INPUTS
                 }
-                collector.set_attention_mask(inputs.get("attention_mask"))
-                model(**inputs)
+                labels = batch.get("labels")
+                if (
+                    forward is None
+                    and encoder_decoder
+                    and isinstance(labels, Tensor)
+                    and "decoder_input_ids" not in inputs
+                ):
+                    inputs["labels"] = labels.to(device)
+                    inputs.setdefault("decoder_attention_mask", decoder_attention_mask(inputs["labels"]))
+                if forward is None:
+                    model(**inputs)
+                else:
+                    forward(model, inputs)
     finally:
         model.train(was_training)
     return collector.hinv(optimizer.hpa.damping)

@@ -1,4 +1,4 @@
-"""HessianCollector: (2/n)·XᵀX per distinct input, padding excluded, clear errors."""
+"""HessianCollector: (2/n)·XᵀX per distinct input, padding excluded (the forward call's own masks), clear errors."""
 
 import pytest
 import torch
@@ -205,3 +205,62 @@ def test_rank_deficient_h_falls_back_to_the_documented_damping():
     lam = 0.01 * float(collector.hessian("0").double().diagonal().mean())
     assert torch.isfinite(hinv).all() and (hinv > 0).all()
     assert float(hinv[7]) == pytest.approx(1.0 / lam, rel=1e-6)
+
+
+class _Decoder(nn.Module):
+    """A stack that reads ``inputs_embeds`` and an ``attention_mask`` keyword, as Hugging Face models do;
+    with ``routed``, the second block's layer reads only the first three token rows (an MoE expert)."""
+
+    def __init__(self, routed: bool = False) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Sequential(nn.Linear(3, 3)) for _ in range(2)])
+        self.routed = routed
+
+    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.layers[0](inputs_embeds)
+        if self.routed:
+            return self.layers[1](x.reshape(-1, 3)[:3])
+        return self.layers[1](x)
+
+
+def test_the_forward_calls_mask_wins_over_the_set_one():
+    """The mask the model's forward receives is the one applied (set_attention_mask only where the
+    call gives none), and a call with attention_mask=None counts every position."""
+    model = _Decoder()
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]])
+    with torch.no_grad(), HessianCollector(model, ["layers.0.0", "layers.1.0"]) as collector:
+        collector.set_attention_mask(torch.zeros(2, 4))
+        model(inputs_embeds=torch.randn(2, 4, 3), attention_mask=mask)
+        assert collector.num_tokens("layers.1.0") == 5
+        model(inputs_embeds=torch.randn(2, 4, 3), attention_mask=None)
+    assert collector.num_tokens("layers.0.0") == 5 + 8
+
+
+def test_decoding_with_a_cache_uses_the_last_mask_positions():
+    """generate with a KV cache feeds one new position while the mask covers every past one."""
+    model = _Decoder()
+    mask = torch.tensor([[0, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
+    with torch.no_grad(), HessianCollector(model, ["layers.0.0"]) as collector:
+        model(inputs_embeds=torch.randn(2, 1, 3), attention_mask=mask)
+    assert collector.num_tokens("layers.0.0") == 1
+
+
+def test_tokens_routed_to_an_expert_count_whole():
+    """[decision] 2-D inputs that are not the B·T positions (tokens routed to an expert) keep every row."""
+    model = _Decoder(routed=True)
+    with torch.no_grad(), HessianCollector(model, ["layers.1.0"]) as collector:
+        model(inputs_embeds=torch.randn(2, 4, 3), attention_mask=torch.ones(2, 4))
+    assert collector.num_tokens("layers.1.0") == 3
+
+
+def test_conv1d_layers_are_collected_on_their_input_features():
+    pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv1D(2, 5))  # weight (5, 2): 5 input features
+    x = torch.randn(4, 5)
+    with HessianCollector(model, ["0"]) as collector:
+        model(x)
+    torch.testing.assert_close(collector.hessian("0"), 2.0 / 4 * x.T @ x)
+    assert collector.hinv()["0"].shape == (5,)
