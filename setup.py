@@ -117,6 +117,7 @@ class BuildExt(build_ext):
         flags = [
             "-std=c++17",
             "-O3",
+            "-fmad=false",  # no a*b+c contraction: the same rounding as the CPU build (-ffp-contract=off)
             "-Xcompiler",
             "-fPIC",
             "--threads",

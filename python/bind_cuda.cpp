@@ -64,7 +64,8 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.doc() = "hpa-kernels CUDA kernels (csrc/cuda), called by hpa_kernels.ops.native with raw device pointers";
   m.def("device_count", &hpa::cuda::device_count, "CUDA devices visible to the static cudart (0 without a GPU)");
   m.def("adamw", &adamw, "Multi-tensor AdamW over dense device tensors of one storage dtype");
-  m.def("reduce_workspace_bytes", &hpa::cuda::reduce_workspace_bytes, "Workspace bytes of hpa_reduce / online_step");
+  m.def("reduce_workspace_bytes", &hpa::cuda::reduce_workspace_bytes, "Workspace bytes of hpa_reduce");
+  m.def("online_workspace_bytes", &hpa::cuda::online_workspace_bytes, "Workspace bytes of online_step");
   m.def("hpa_reduce", &hpa_reduce, "HPA column scores and Frobenius sums into device tensors");
   m.def("hpa_apply", &hpa_apply, "HPA masked, projected write");
   m.def("online_step", &online_step, "Online HPA step; the coefficient goes to a device scalar");

@@ -1,9 +1,12 @@
 // HPA kernels on the CPU: the consolidation reduce and write (HPA_SPEC.md Steps 1 and 3) and the
-// online step. Reductions split the (r, c) matrix into row blocks x column blocks; each row block
-// keeps its own fp32 column partials, summed in double in a fixed order, so a run is deterministic
-// for a given thread count.
+// online step. The reduce follows the fixed summation order of hpa/common.h (kRowBlock): each task
+// owns whole columns over all rows, so its bits do not depend on the thread count. The online
+// step's reductions split the (r, c) matrix into row blocks x column blocks; each row block keeps
+// its own fp32 column partials, summed in double in a fixed order (deterministic for a given
+// thread count).
 #include <algorithm>
 #include <atomic>
+#include <cstring>
 #include <memory>
 #include <stdexcept>
 #include <vector>
@@ -34,38 +37,88 @@ Tiling tile(int64_t r, int64_t c) {
 
 // ---- Vectorised inner loops, each instantiated for AVX2 and the baseline ISA (hpa/isa.h).
 
-// Reduce, unit column stride: columns [j0, j1) of one row pair.
-template <int D>
-HPA_ALWAYS_INLINE void reduce_seg(const typename Storage<D>::Raw* __restrict pr,
-                                  const typename Storage<D>::Raw* __restrict nr, float* __restrict acc, int64_t j0,
-                                  int64_t j1, float* dot_out, float* norm_out) {
+// Reduce: columns [j0, j0 + w) of one row, widened to double (exact): xe = d², xp = d·w, xq = w².
+constexpr int64_t kReduceSpan = 64;  // columns per reduce task
+
+template <int D, bool kUnit>
+HPA_ALWAYS_INLINE void reduce_terms(const typename Storage<D>::Raw* __restrict pr,
+                                    const typename Storage<D>::Raw* __restrict nr, int64_t ps1, int64_t ns1,
+                                    int64_t w, double* __restrict xe, double* __restrict xp,
+                                    double* __restrict xq) {
   using S = Storage<D>;
-  float rdot = 0.0f, rnorm = 0.0f;
-#pragma omp simd reduction(+ : rdot, rnorm)
-  for (int64_t j = j0; j < j1; ++j) {
-    const float w = S::load(pr[j]);
-    const float d = S::load(nr[j]) - w;
-    acc[j] += d * d;
-    rdot += d * w;
-    rnorm += w * w;
+#pragma omp simd
+  for (int64_t j = 0; j < w; ++j) {
+    const double p = static_cast<double>(S::load(pr[kUnit ? j : j * ps1]));
+    const double d = static_cast<double>(S::load(nr[kUnit ? j : j * ns1])) - p;
+    xe[j] = d * d;
+    xp[j] = d * p;
+    xq[j] = p * p;
   }
-  *dot_out = rdot;
-  *norm_out = rnorm;
 }
 
-template <int D>
-using ReduceSegFn = void (*)(const typename Storage<D>::Raw*, const typename Storage<D>::Raw*, float*, int64_t,
-                             int64_t, float*, float*);
-template <int D>
-HPA_TARGET_AVX2 void reduce_seg_avx2(const typename Storage<D>::Raw* pr, const typename Storage<D>::Raw* nr,
-                                     float* acc, int64_t j0, int64_t j1, float* dot, float* norm) {
-  reduce_seg<D>(pr, nr, acc, j0, j1, dot, norm);
+// One reduce task: columns [j0, j0 + w) over all r rows, in the order of hpa/common.h. Block sums
+// by a vectorised binary counter (level l of st* holds a sum of 2^l rows), added in block order.
+template <int D, bool kUnit>
+void reduce_columns(int64_t r, int64_t j0, int64_t w, Mat prev, Mat next, double* E, double* P, double* Q) {
+  using Raw = typename Storage<D>::Raw;
+  constexpr int kLevels = 8;  // kRowBlock = 2^7 rows merge into level 7
+  alignas(64) double ste[kLevels][kReduceSpan], stp[kLevels][kReduceSpan], stq[kLevels][kReduceSpan];
+  alignas(64) double xe[kReduceSpan], xp[kReduceSpan], xq[kReduceSpan];
+  alignas(64) double te[kReduceSpan] = {}, tp[kReduceSpan] = {}, tq[kReduceSpan] = {};
+  const Raw* P0 = reinterpret_cast<const Raw*>(prev.ptr) + j0 * prev.stride1;
+  const Raw* N0 = reinterpret_cast<const Raw*>(next.ptr) + j0 * next.stride1;
+  for (int64_t b0 = 0; b0 < r; b0 += kRowBlock) {
+    const int64_t n = std::min<int64_t>(kRowBlock, r - b0);
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t row = b0 + i;
+      reduce_terms<D, kUnit>(P0 + row * prev.stride0, N0 + row * next.stride0, prev.stride1, next.stride1, w, xe,
+                             xp, xq);
+      const int merges = __builtin_ctzll(~static_cast<uint64_t>(i));
+      for (int l = 0; l < merges; ++l) {
+#pragma omp simd
+        for (int64_t j = 0; j < w; ++j) {
+          xe[j] = ste[l][j] + xe[j];
+          xp[j] = stp[l][j] + xp[j];
+          xq[j] = stq[l][j] + xq[j];
+        }
+      }
+      std::memcpy(ste[merges], xe, sizeof(double) * w);
+      std::memcpy(stp[merges], xp, sizeof(double) * w);
+      std::memcpy(stq[merges], xq, sizeof(double) * w);
+    }
+    bool any = false;  // the block's tree total: levels of n's set bits, lowest first
+    for (int l = 0; l < kLevels; ++l) {
+      if (!((n >> l) & 1)) continue;
+#pragma omp simd
+      for (int64_t j = 0; j < w; ++j) {
+        xe[j] = any ? ste[l][j] + xe[j] : ste[l][j];
+        xp[j] = any ? stp[l][j] + xp[j] : stp[l][j];
+        xq[j] = any ? stq[l][j] + xq[j] : stq[l][j];
+      }
+      any = true;
+    }
+#pragma omp simd
+    for (int64_t j = 0; j < w; ++j) {
+      te[j] += xe[j];
+      tp[j] += xp[j];
+      tq[j] += xq[j];
+    }
+  }
+  std::memcpy(E + j0, te, sizeof(double) * w);
+  std::memcpy(P + j0, tp, sizeof(double) * w);
+  std::memcpy(Q + j0, tq, sizeof(double) * w);
 }
-template <int D>
-void reduce_seg_base(const typename Storage<D>::Raw* pr, const typename Storage<D>::Raw* nr, float* acc, int64_t j0,
-                     int64_t j1, float* dot, float* norm) {
-  reduce_seg<D>(pr, nr, acc, j0, j1, dot, norm);
+
+template <int D, bool kUnit>
+HPA_TARGET_AVX2 void reduce_columns_avx2(int64_t r, int64_t j0, int64_t w, Mat prev, Mat next, double* E, double* P,
+                                         double* Q) {
+  reduce_columns<D, kUnit>(r, j0, w, prev, next, E, P, Q);
 }
+template <int D, bool kUnit>
+void reduce_columns_base(int64_t r, int64_t j0, int64_t w, Mat prev, Mat next, double* E, double* P, double* Q) {
+  reduce_columns<D, kUnit>(r, j0, w, prev, next, E, P, Q);
+}
+using ReduceColumnsFn = void (*)(int64_t, int64_t, int64_t, Mat, Mat, double*, double*, double*);
 
 // Apply, unit column stride: one row, out = mask ? prev : next - coef * prev. No __restrict: out
 // may be next itself (in place), element by element.
@@ -202,63 +255,27 @@ void project_row_base(typename Storage<D>::Raw* pr, const typename Storage<D>::R
 template <int D>
 void reduce_typed(int64_t r, int64_t c, Mat prev, Mat next, const float* hs, const float* ht, float* eps_bar,
                   float* zeta_bar, double* dot_out, double* norm_out) {
-  using S = Storage<D>;
-  using Raw = typename S::Raw;
-  const Raw* P = reinterpret_cast<const Raw*>(prev.ptr);
-  const Raw* N = reinterpret_cast<const Raw*>(next.ptr);
-  const Tiling t = tile(r, c);
-  const int64_t tasks = t.row_blocks * t.col_blocks;
-  std::vector<float> partial(static_cast<size_t>(t.row_blocks * c), 0.0f);
-  std::vector<double> dots(static_cast<size_t>(tasks), 0.0), norms(static_cast<size_t>(tasks), 0.0);
   const bool unit = prev.stride1 == 1 && next.stride1 == 1;
-  const ReduceSegFn<D> seg = use_avx2() ? &reduce_seg_avx2<D> : &reduce_seg_base<D>;
-#pragma omp parallel for schedule(static) if (tasks > 1)
+  const bool avx2 = use_avx2();
+  const ReduceColumnsFn task_fn = unit ? (avx2 ? &reduce_columns_avx2<D, true> : &reduce_columns_base<D, true>)
+                                       : (avx2 ? &reduce_columns_avx2<D, false> : &reduce_columns_base<D, false>);
+  std::vector<double> E(static_cast<size_t>(c)), P(static_cast<size_t>(c)), Q(static_cast<size_t>(c));
+  const int64_t tasks = (c + kReduceSpan - 1) / kReduceSpan;
+#pragma omp parallel for schedule(dynamic, 1) if (tasks > 1 && r * c > kSmallWork)
   for (int64_t task = 0; task < tasks; ++task) {
-    const int64_t a = task / t.col_blocks, b = task % t.col_blocks;
-    int64_t r0, r1, c0, c1;
-    split_range(r, t.row_blocks, a, &r0, &r1);
-    split_range(c, t.col_blocks, b, &c0, &c1);
-    float* __restrict acc = partial.data() + a * c;
-    double dot = 0.0, norm = 0.0;
-    for (int64_t i = r0; i < r1; ++i) {
-      const Raw* __restrict pr = P + i * prev.stride0;
-      const Raw* __restrict nr = N + i * next.stride0;
-      for (int64_t j0 = c0; j0 < c1; j0 += kRowSpan) {
-        const int64_t j1 = std::min(c1, j0 + kRowSpan);
-        float rdot = 0.0f, rnorm = 0.0f;
-        if (unit) {
-          seg(pr, nr, acc, j0, j1, &rdot, &rnorm);
-        } else {
-          for (int64_t j = j0; j < j1; ++j) {
-            const float w = S::load(pr[j * prev.stride1]);
-            const float d = S::load(nr[j * next.stride1]) - w;
-            acc[j] += d * d;
-            rdot += d * w;
-            rnorm += w * w;
-          }
-        }
-        dot += rdot;
-        norm += rnorm;
-      }
-    }
-    dots[static_cast<size_t>(task)] = dot;
-    norms[static_cast<size_t>(task)] = norm;
+    const int64_t j0 = task * kReduceSpan;
+    task_fn(r, j0, std::min(kReduceSpan, c - j0), prev, next, E.data(), P.data(), Q.data());
   }
-  double dot = 0.0, norm = 0.0;
-  for (int64_t q = 0; q < tasks; ++q) {
-    dot += dots[static_cast<size_t>(q)];
-    norm += norms[static_cast<size_t>(q)];
-  }
-  *dot_out = dot;
-  *norm_out = norm;
-#pragma omp parallel for schedule(static) if (c * t.row_blocks > kSmallWork)
+  PairwiseSum dot, norm;
   for (int64_t j = 0; j < c; ++j) {
-    double e = 0.0;
-    for (int64_t a = 0; a < t.row_blocks; ++a) e += partial[static_cast<size_t>(a * c + j)];
-    e = r > 0 ? e / static_cast<double>(r) : 0.0;
-    eps_bar[j] = static_cast<float>(e / hs[j]);
-    zeta_bar[j] = static_cast<float>(e / ht[j]);
+    const double e = r > 0 ? E[static_cast<size_t>(j)] / static_cast<double>(r) : 0.0;
+    eps_bar[j] = static_cast<float>(e / static_cast<double>(hs[j]));
+    zeta_bar[j] = static_cast<float>(e / static_cast<double>(ht[j]));
+    dot.push(P[static_cast<size_t>(j)]);
+    norm.push(Q[static_cast<size_t>(j)]);
   }
+  *dot_out = dot.total();
+  *norm_out = norm.total();
 }
 
 template <int D>

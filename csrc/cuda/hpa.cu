@@ -1,7 +1,11 @@
 // HPA kernels on CUDA: consolidation reduce and write (HPA_SPEC.md Steps 1 and 3) and the online
-// step. Column reductions use 32 x 8 thread blocks over (column tile, row chunk): each block writes
-// its column partials and its dot / norm partials to a workspace, and a second launch sums them in
-// double in a fixed order, so results are bitwise reproducible (no atomics).
+// step. The reduce follows the fixed float64 summation order of hpa/common.h (kRowBlock) in four
+// kinds of launch (row-block trees, per-column block sums, column trees until one value is left,
+// the final rounding), so its bits equal the CPU's and the "torch" reference's on any GPU. The
+// online step's column reductions use 32 x 8 thread blocks over (column tile, row chunk): each block
+// writes fp32 partials to a workspace that a second launch sums in double in a fixed order
+// (bitwise reproducible on one GPU, no atomics). Products and sums use the _rn intrinsics and the
+// build passes -fmad=false: no contraction into FMA.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -70,60 +74,124 @@ __device__ void store_column_partial(float e, float (*col)[kTileX + 1], float* o
   __syncthreads();
 }
 
+constexpr int kGroup = 128;     // values per block of the column trees (a power of two)
+constexpr int kBlockRowsY = 8;  // row blocks per thread block of the reduce's first stage
+
+// Stage 1: thread (column j, row block b) sums d², d·w, w² over the block's kRowBlock rows by the
+// adjacent-pair tree (rows past r are zeros, which add nothing): a binary counter whose levels the
+// full unroll keeps in registers. part[q][b][j], q = 0, 1, 2.
 template <int D>
-__global__ void reduce_kernel(int64_t r, int64_t c, Mat prev, Mat next, Workspace ws) {
+__global__ void reduce_blocks_kernel(int64_t r, int64_t c, int64_t blocks, Mat prev, Mat next, double* part) {
   using S = Storage<D>;
   using Raw = typename S::Raw;
-  __shared__ float col[kTileY][kTileX + 1];
-  __shared__ float red[kThreads];
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kTileX + threadIdx.x;
+  const int64_t b = static_cast<int64_t>(blockIdx.y) * kBlockRowsY + threadIdx.y;
+  if (j >= c || b >= blocks) return;
   const Raw* P = reinterpret_cast<const Raw*>(prev.ptr);
   const Raw* N = reinterpret_cast<const Raw*>(next.ptr);
-  const int64_t j = static_cast<int64_t>(blockIdx.x) * kTileX + threadIdx.x;
-  int64_t r0, r1;
-  split_range(r, gridDim.y, blockIdx.y, &r0, &r1);
-  float e = 0.0f, dot = 0.0f, norm = 0.0f;
-  if (j < c) {
-    for (int64_t i = r0 + threadIdx.y; i < r1; i += kTileY) {
-      const float w = S::load(P[offset2d(i, j, prev.stride0, prev.stride1)]);
-      const float d = S::load(N[offset2d(i, j, next.stride0, next.stride1)]) - w;
-      e += d * d;
-      dot += d * w;
-      norm += w * w;
+  double se[8], sp[8], sq[8];
+#pragma unroll
+  for (int i = 0; i < kRowBlock; ++i) {
+    const int64_t row = b * kRowBlock + i;
+    double w = 0.0, d = 0.0;
+    if (row < r) {
+      w = static_cast<double>(S::load(P[offset2d(row, j, prev.stride0, prev.stride1)]));
+      d = __dsub_rn(static_cast<double>(S::load(N[offset2d(row, j, next.stride0, next.stride1)])), w);
     }
+    double xe = __dmul_rn(d, d), xp = __dmul_rn(d, w), xq = __dmul_rn(w, w);
+    int l = 0;
+#pragma unroll
+    for (; l < 7 && ((i >> l) & 1); ++l) {
+      xe = __dadd_rn(se[l], xe);
+      xp = __dadd_rn(sp[l], xp);
+      xq = __dadd_rn(sq[l], xq);
+    }
+    se[l] = xe;
+    sp[l] = xp;
+    sq[l] = xq;
   }
-  store_column_partial(e, col, ws.col, c, j);
-  const int64_t b = static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x;
-  const float bd = block_sum(dot, red);
-  if (threadIdx.x == 0 && threadIdx.y == 0) ws.dot[b] = bd;
-  __syncthreads();
-  const float bn = block_sum(norm, red);
-  if (threadIdx.x == 0 && threadIdx.y == 0) ws.norm[b] = bn;
+  const int64_t plane = blocks * c;
+  part[b * c + j] = se[7];
+  part[plane + b * c + j] = sp[7];
+  part[2 * plane + b * c + j] = sq[7];
 }
 
-// Column sums over the row chunks (double, fixed order) -> eps_bar / zeta_bar, or += col_energy.
-__global__ void finish_columns_kernel(int64_t r, int64_t c, int64_t chunks, const float* col, const float* hinv_s,
-                                      const float* hinv_t, float* eps_bar, float* zeta_bar, float* col_energy,
+// The adjacent-pair tree over the kGroup values of sh (level by level sh[t] += sh[t + s]); the
+// result is valid in sh[0] after the call. All kGroup threads of the block call it.
+__device__ void group_tree(double* sh) {
+  const int t = threadIdx.x;
+  __syncthreads();
+  for (int s = 1; s < kGroup; s <<= 1) {
+    if ((t & (2 * s - 1)) == 0) sh[t] = __dadd_rn(sh[t], sh[t + s]);
+    __syncthreads();
+  }
+}
+
+// Stage 2: thread = column: block sums in index order -> eps_bar, zeta_bar; the tree over the
+// block's kGroup columns of the d·w and w² totals -> sums[0 / 1][group].
+__global__ void reduce_columns_kernel(int64_t r, int64_t c, int64_t blocks, const double* part, const float* hinv_s,
+                                      const float* hinv_t, float* eps_bar, float* zeta_bar, double* sums) {
+  __shared__ double sp[kGroup];
+  __shared__ double sq[kGroup];
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kGroup + threadIdx.x;
+  const int64_t plane = blocks * c;
+  double e = 0.0, p = 0.0, q = 0.0;
+  if (j < c) {
+    for (int64_t b = 0; b < blocks; ++b) {
+      e = __dadd_rn(e, part[b * c + j]);
+      p = __dadd_rn(p, part[plane + b * c + j]);
+      q = __dadd_rn(q, part[2 * plane + b * c + j]);
+    }
+    const double mean = __ddiv_rn(e, static_cast<double>(r));
+    eps_bar[j] = __double2float_rn(__ddiv_rn(mean, static_cast<double>(hinv_s[j])));
+    zeta_bar[j] = __double2float_rn(__ddiv_rn(mean, static_cast<double>(hinv_t[j])));
+  }
+  sp[threadIdx.x] = p;
+  sq[threadIdx.x] = q;
+  group_tree(sp);
+  group_tree(sq);
+  if (threadIdx.x == 0) {
+    sums[blockIdx.x] = sp[0];
+    sums[gridDim.x + blockIdx.x] = sq[0];
+  }
+}
+
+// Stage 3: the tree over each kGroup consecutive values of src[0 / 1][:n] -> dst[0 / 1][group].
+__global__ void pairwise_groups_kernel(int64_t n, const double* src, double* dst) {
+  __shared__ double sh[kGroup];
+  const int64_t k = static_cast<int64_t>(blockIdx.x) * kGroup + threadIdx.x;
+  for (int row = 0; row < 2; ++row) {
+    sh[threadIdx.x] = k < n ? src[row * n + k] : 0.0;
+    group_tree(sh);
+    if (threadIdx.x == 0) dst[row * gridDim.x + blockIdx.x] = sh[0];
+    __syncthreads();
+  }
+}
+
+__global__ void round_sums_kernel(const double* sums, float* dot, float* norm_sq) {
+  *dot = __double2float_rn(sums[0]);
+  *norm_sq = __double2float_rn(sums[1]);
+}
+
+int64_t row_blocks(int64_t r) { return (r + kRowBlock - 1) / kRowBlock; }
+int64_t groups_of(int64_t n) { return (n + kGroup - 1) / kGroup; }
+
+// Online step: column sums over the row chunks (double, fixed order), += col_energy.
+__global__ void finish_columns_kernel(int64_t c, int64_t chunks, const float* col, float* col_energy,
                                       const float* found_inf) {
   if (found_inf != nullptr && *found_inf != 0.0f) return;
   for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < c;
        j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     double e = 0.0;
     for (int64_t q = 0; q < chunks; ++q) e += col[q * c + j];
-    if (col_energy != nullptr) {
-      col_energy[j] = static_cast<float>(static_cast<double>(col_energy[j]) + e);
-    } else {
-      e /= static_cast<double>(r);
-      eps_bar[j] = static_cast<float>(e / hinv_s[j]);
-      zeta_bar[j] = static_cast<float>(e / hinv_t[j]);
-    }
+    col_energy[j] = static_cast<float>(static_cast<double>(col_energy[j]) + e);
   }
 }
 
-// One block: dot and norm over all block partials (double, fixed order). With coef_out: the online
-// step's coefficient c' = dot / norm (0 when norm is 0 or !orthogonal) and the step-count increment.
-__global__ void finish_scalars_kernel(int64_t blocks, const float* dots, const float* norms, float* dot_out,
-                                      float* norm_out, float* coef_out, float* step, bool orthogonal,
-                                      const float* found_inf) {
+// Online step, one block: dot and norm over all block partials (double, fixed order), the
+// coefficient c' = dot / norm (0 when norm is 0 or !orthogonal) and the step-count increment.
+__global__ void finish_scalars_kernel(int64_t blocks, const float* dots, const float* norms, float* coef_out,
+                                      float* step, bool orthogonal, const float* found_inf) {
   __shared__ double sd[kThreads];
   __shared__ double sn[kThreads];
   const bool skip = found_inf != nullptr && *found_inf != 0.0f;
@@ -143,14 +211,8 @@ __global__ void finish_scalars_kernel(int64_t blocks, const float* dots, const f
     __syncthreads();
   }
   if (threadIdx.x != 0) return;
-  if (dot_out != nullptr) {
-    *dot_out = static_cast<float>(sd[0]);
-    *norm_out = static_cast<float>(sn[0]);
-  }
-  if (coef_out != nullptr) {
-    *coef_out = (skip || !orthogonal || sn[0] <= 0.0) ? 0.0f : static_cast<float>(sd[0] / sn[0]);
-    if (!skip) *step += 1.0f;
-  }
+  *coef_out = (skip || !orthogonal || sn[0] <= 0.0) ? 0.0f : static_cast<float>(sd[0] / sn[0]);
+  if (!skip) *step += 1.0f;
 }
 
 template <int D>
@@ -262,9 +324,11 @@ const char* last_error() {
 }
 
 template <int D>
-void reduce_launch(int64_t r, int64_t c, Mat prev, Mat next, const Grid2& g, const Workspace& ws, cudaStream_t s) {
-  reduce_kernel<D><<<dim3(static_cast<unsigned>(g.tiles), static_cast<unsigned>(g.chunks)), dim3(kTileX, kTileY), 0,
-                     s>>>(r, c, prev, next, ws);
+void reduce_launch(int64_t r, int64_t c, Mat prev, Mat next, double* part, cudaStream_t s) {
+  const int64_t blocks = row_blocks(r);
+  const dim3 grid(static_cast<unsigned>((c + kTileX - 1) / kTileX),
+                  static_cast<unsigned>((blocks + kBlockRowsY - 1) / kBlockRowsY));
+  reduce_blocks_kernel<D><<<grid, dim3(kTileX, kBlockRowsY), 0, s>>>(r, c, blocks, prev, next, part);
 }
 
 template <int D>
@@ -279,9 +343,8 @@ void online_launch(int64_t r, int64_t c, const OnlineArgs& a, const AdamWHyper& 
                    float* coef_out, cudaStream_t s) {
   online_pass1_kernel<D><<<dim3(static_cast<unsigned>(g.tiles), static_cast<unsigned>(g.chunks)),
                            dim3(kTileX, kTileY), 0, s>>>(r, c, a, h, scale, inf, ws);
-  finish_columns_kernel<<<blocks_1d(c), kThreads, 0, s>>>(r, c, g.chunks, ws.col, nullptr, nullptr, nullptr,
-                                                          nullptr, col_energy, inf);
-  finish_scalars_kernel<<<1, kThreads, 0, s>>>(g.tiles * g.chunks, ws.dot, ws.norm, nullptr, nullptr, coef_out,
+  finish_columns_kernel<<<blocks_1d(c), kThreads, 0, s>>>(c, g.chunks, ws.col, col_energy, inf);
+  finish_scalars_kernel<<<1, kThreads, 0, s>>>(g.tiles * g.chunks, ws.dot, ws.norm, coef_out,
                                                reinterpret_cast<float*>(a.step), orthogonal, inf);
   online_pass2_kernel<D><<<blocks_1d(r * c), kThreads, 0, s>>>(r, c, a.param, a.w_prev,
                                                                reinterpret_cast<const uint8_t*>(a.mask), coef_out);
@@ -290,6 +353,11 @@ void online_launch(int64_t r, int64_t c, const OnlineArgs& a, const AdamWHyper& 
 }  // namespace
 
 int64_t reduce_workspace_bytes(int64_t r, int64_t c) {
+  const int64_t groups = groups_of(c);
+  return static_cast<int64_t>(sizeof(double)) * (3 * row_blocks(r) * c + 2 * groups + 2 * groups_of(groups));
+}
+
+int64_t online_workspace_bytes(int64_t r, int64_t c) {
   const Grid2 g = reduce_grid(r, c);
   return static_cast<int64_t>(sizeof(float)) * (g.chunks * c + 2 * g.tiles * g.chunks);
 }
@@ -298,26 +366,35 @@ const char* hpa_reduce(int dtype, int64_t r, int64_t c, Mat prev, Mat next, uint
                        uintptr_t hinv_task, uintptr_t eps_bar, uintptr_t zeta_bar, uintptr_t dot, uintptr_t norm_sq,
                        uintptr_t workspace, uintptr_t stream) {
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  const Grid2 g = reduce_grid(r, c);
-  const Workspace ws = carve(workspace, c, g);
+  const int64_t blocks = row_blocks(r);
+  double* part = reinterpret_cast<double*>(workspace);
+  int64_t groups = groups_of(c);
+  double* sums[2] = {part + 3 * blocks * c, part + 3 * blocks * c + 2 * groups};  // ping-pong, largest first
+  if ((blocks + kBlockRowsY - 1) / kBlockRowsY > 65535) return "hpa_reduce: more rows than grid.y allows (67M)";
   switch (dtype) {
     case kF32:
-      reduce_launch<kF32>(r, c, prev, next, g, ws, s);
+      reduce_launch<kF32>(r, c, prev, next, part, s);
       break;
     case kBF16:
-      reduce_launch<kBF16>(r, c, prev, next, g, ws, s);
+      reduce_launch<kBF16>(r, c, prev, next, part, s);
       break;
     case kF16:
-      reduce_launch<kF16>(r, c, prev, next, g, ws, s);
+      reduce_launch<kF16>(r, c, prev, next, part, s);
       break;
     default:
       return "hpa_reduce: unknown storage dtype code";
   }
-  finish_columns_kernel<<<blocks_1d(c), kThreads, 0, s>>>(
-      r, c, g.chunks, ws.col, reinterpret_cast<const float*>(hinv_safety), reinterpret_cast<const float*>(hinv_task),
-      reinterpret_cast<float*>(eps_bar), reinterpret_cast<float*>(zeta_bar), nullptr, nullptr);
-  finish_scalars_kernel<<<1, kThreads, 0, s>>>(g.tiles * g.chunks, ws.dot, ws.norm, reinterpret_cast<float*>(dot),
-                                               reinterpret_cast<float*>(norm_sq), nullptr, nullptr, false, nullptr);
+  reduce_columns_kernel<<<static_cast<unsigned>(groups), kGroup, 0, s>>>(
+      r, c, blocks, part, reinterpret_cast<const float*>(hinv_safety), reinterpret_cast<const float*>(hinv_task),
+      reinterpret_cast<float*>(eps_bar), reinterpret_cast<float*>(zeta_bar), sums[0]);
+  int cur = 0;
+  while (groups > 1) {
+    const int64_t n = groups;
+    groups = groups_of(n);
+    pairwise_groups_kernel<<<static_cast<unsigned>(groups), kGroup, 0, s>>>(n, sums[cur], sums[1 - cur]);
+    cur = 1 - cur;
+  }
+  round_sums_kernel<<<1, 1, 0, s>>>(sums[cur], reinterpret_cast<float*>(dot), reinterpret_cast<float*>(norm_sq));
   return last_error();
 }
 

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from . import native, reference
+from .reference import ROW_BLOCK as ROW_BLOCK  # the reduce order's block size, re-exported
 
 BACKENDS = ("torch", "cpu", "cuda", "triton")
 _DEVICE_TYPES = {"torch": None, "cpu": "cpu", "cuda": "cuda", "triton": "cuda"}
@@ -172,7 +173,22 @@ def hpa_reduce(
 
     Returns:
         ``(eps_bar, zeta_bar, dot, norm_sq)``: float32 (c,), float32 (c,), float32 0-d,
-        float32 0-d. Accumulation is fp32 or wider (fp64 in ``"torch"``); r = 0 gives zeros.
+        float32 0-d; r = 0 gives zeros.
+
+    One summation order, the same bits on every backend, thread count, tile size, GPU and SM
+    count (so every backend and rank ranks the same columns, HPA_SPEC.md Step 2 ties): in float64,
+    with d = W_new − W_prev widened exactly from the storage dtype and every product and sum one
+    IEEE operation (no FMA contraction),
+
+    1. rows in blocks of :data:`ROW_BLOCK` = 128; each block's d², d·w, w² summed per column by
+       the adjacent-pair binary tree (:func:`hpa_kernels.ops.reference.pairwise_sum`, rows past r
+       count as zeros);
+    2. the block sums of each column added in block index order → E_j, D_j, N_j;
+    3. ``eps_bar[j] = fl32((E_j / r) / hinv_safety[j])`` (``zeta_bar`` alike);
+       ``dot = fl32(tree over j of D_j)``, ``norm_sq = fl32(tree over j of N_j)``.
+
+    Rounded once, so each output is within one float32 ulp of its exact value except where the
+    sums cancel (``dot``): float64 error ~ log2(r)·2⁻⁵³ relative to the sum of |terms|.
     """
     return _module(backend, w_new.device).hpa_reduce(w_prev, w_new, hinv_safety, hinv_task)
 

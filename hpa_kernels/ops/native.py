@@ -294,7 +294,7 @@ class _Backend:
             )
             return eps_bar, zeta_bar, torch.tensor(dot, **f32), torch.tensor(norm_sq, **f32)
         dot, norm_sq = torch.empty((), **f32), torch.empty((), **f32)
-        workspace = torch.empty(self._lib.reduce_workspace_bytes(r, c) // 4, **f32)
+        workspace = torch.empty(self._lib.reduce_workspace_bytes(r, c) // 8, dtype=torch.float64, device=device)
         self._call(
             self._lib.hpa_reduce,
             device,
@@ -394,7 +394,7 @@ class _Backend:
             coef = torch.tensor(self._call(self._lib.online_step, device, *args), **f32)
         else:
             coef = torch.empty((), **f32)
-            workspace = torch.empty(self._lib.reduce_workspace_bytes(r, c) // 4, **f32)
+            workspace = torch.empty(self._lib.online_workspace_bytes(r, c) // 4, **f32)
             self._call(self._lib.online_step, device, *args, coef.data_ptr(), workspace.data_ptr())
         staging.finish()
         return coef

@@ -70,22 +70,57 @@ def adamw_step(
         param.copy_(p)
 
 
+ROW_BLOCK = 128
+"""Rows per block of the HPA reductions' fixed summation order (``hpa_kernels.ops.hpa_reduce``)."""
+_CHUNK_BLOCKS = 64  # row blocks the reference widens to float64 at a time (bounds its memory)
+
+
+def pairwise_sum(x: Tensor, dim: int) -> Tensor:
+    """Sum along ``dim`` by the adjacent-pair binary tree, ``x`` zero-padded to a power of two.
+
+    Level by level, element ``t`` of the next level is ``x[2t] + x[2t + 1]``: each addition is one
+    IEEE operation between two values, so the result is defined bit for bit (zero padding adds
+    nothing). The order of ``hpa_kernels.ops.hpa_reduce`` within a row block and across columns.
+    """
+    n = x.shape[dim]
+    size = 1 << max(0, (n - 1).bit_length())
+    if size != n:
+        pad = list(x.shape)
+        pad[dim] = size - n
+        x = torch.cat([x, x.new_zeros(pad)], dim=dim)
+    while x.shape[dim] > 1:
+        pairs = x.unflatten(dim, (-1, 2))
+        x = pairs.select(dim + 1, 0) + pairs.select(dim + 1, 1)
+    return x.squeeze(dim)
+
+
 def hpa_reduce(
     w_prev: Tensor, w_new: Tensor, hinv_safety: Tensor, hinv_task: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """HPA_SPEC.md Step 1's column scores and Step 3's Frobenius sums, in float64.
+    """HPA_SPEC.md Step 1's column scores and Step 3's Frobenius sums, in the fixed float64 order
+    of ``hpa_kernels.ops.hpa_reduce`` (every backend gives these bits).
 
     See ``hpa_kernels.ops.hpa_reduce`` for the contract.
     """
     _check_pair(w_prev, w_new, "hpa_reduce")
-    prev = w_prev.double()
-    delta = w_new.double() - prev
-    rows = prev.shape[0]
-    energy = delta.square().sum(dim=0) / rows if rows > 0 else delta.new_zeros(prev.shape[1])
+    rows, columns = w_prev.shape
+    totals = torch.zeros(3, columns, dtype=torch.float64, device=w_prev.device)
+    chunk = ROW_BLOCK * _CHUNK_BLOCKS
+    for start in range(0, rows, chunk):
+        prev = w_prev[start : start + chunk].double()
+        delta = w_new[start : start + chunk].double() - prev
+        terms = torch.stack([delta * delta, delta * prev, prev * prev])  # (3, rows of the chunk, c)
+        blocks = -(-terms.shape[1] // ROW_BLOCK)
+        padded = terms.new_zeros(3, blocks * ROW_BLOCK, columns)
+        padded[:, : terms.shape[1]] = terms
+        partials = pairwise_sum(padded.view(3, blocks, ROW_BLOCK, columns), dim=2)  # (3, blocks, c)
+        for block in range(blocks):  # block partials in index order
+            totals = totals + partials[:, block]
+    energy = totals[0] / rows if rows > 0 else totals[0]
     eps_bar = energy / hinv_safety.double()
     zeta_bar = energy / hinv_task.double()
-    dot = (delta * prev).sum()
-    norm_sq = prev.square().sum()
+    dot = pairwise_sum(totals[1], dim=0)
+    norm_sq = pairwise_sum(totals[2], dim=0)
     return eps_bar.float(), zeta_bar.float(), dot.float(), norm_sq.float()
 
 

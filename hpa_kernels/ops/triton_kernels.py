@@ -4,14 +4,18 @@ Triton reads ``TRITON_INTERPRET`` when this module's kernels are decorated, so i
 before this module is first imported. Kernels compute in fp32 with 64-bit offsets
 (:func:`_block_offsets`); AdamW constants (bias corrections) are computed in fp64 on the device
 from the step count, and ``grad_scale`` / ``found_inf`` / ``coef`` are read on the device, so no op
-here synchronises with the host. Column reductions write per-program partials that torch sums in a
-fixed order (deterministic; no atomics).
+here synchronises with the host. ``hpa_reduce`` follows the fixed float64 summation order of
+``hpa_kernels.ops.hpa_reduce`` in kernels only (row-block trees, block sums in index order, column
+trees), so its bits equal the ``"torch"`` reference's on any GPU. The online step's column
+reductions write per-program fp32 partials that torch sums in a fixed order (deterministic for a
+given GPU; no atomics).
 
 ``adamw_step`` launches one kernel per tensor (the C++/CUDA backends batch tensors per launch).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -20,12 +24,15 @@ import triton.language as tl
 from torch import Tensor
 
 from .native import _check_matrix_pair, _check_online_args, _check_vector, _dtype_code, _Staging
+from .reference import ROW_BLOCK
 
 INTERPRETED = bool(triton.knobs.runtime.interpret)
 
 _ADAMW_BLOCK = 1024
 _TILE_R = 32
 _TILE_C = 64
+_REDUCE_COLS = 16  # columns per program of the reduce's first stage (ROW_BLOCK x 16 fp64 tiles)
+_GROUP = 128  # values per program of the reduce's column trees (a power of two)
 
 
 def _target_programs(device: torch.device) -> int:
@@ -123,31 +130,75 @@ def _adamw_kernel(
 
 
 @triton.jit
-def _hpa_reduce_kernel(
-    prev_ptr, new_ptr, col_ptr, dot_ptr, norm_ptr, r, c, ps0, ps1, ns0, ns1, rows_per_chunk,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+def _pairwise(x, N: tl.constexpr, W: tl.constexpr):
+    """(N, W) -> (W,): the adjacent-pair tree along axis 0, level by level x[2t] + x[2t + 1]
+    (N a power of two >= 2); each step a sum of two values, so the bits are defined."""
+    for level in tl.static_range(N.bit_length() - 2):
+        x = tl.sum(tl.reshape(x, [N >> (level + 1), 2, W]), axis=1)
+    return tl.sum(x, axis=0)
+
+
+@triton.jit
+def _hpa_reduce_blocks_kernel(
+    prev_ptr, new_ptr, part_ptr, r, c, ps0, ps1, ns0, ns1, tiles, blocks,
+    ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    pid_c = tl.program_id(0)
-    pid_r = tl.program_id(1)
-    cols = _block_offsets(pid_c, BLOCK_C)
-    cmask = cols < c
-    r0 = pid_r.to(tl.int64) * rows_per_chunk
-    r1 = tl.minimum(r0 + rows_per_chunk, r)
-    energy = tl.zeros([BLOCK_C], dtype=tl.float32)
-    dot = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
-    norm = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
-    for start in range(r0, r1, BLOCK_R):
-        rows = start + tl.arange(0, BLOCK_R)
-        mask = (rows < r1)[:, None] & cmask[None, :]
-        w = _to_f32(tl.load(prev_ptr + rows[:, None] * ps0 + cols[None, :] * ps1, mask=mask, other=0.0))
-        d = _to_f32(tl.load(new_ptr + rows[:, None] * ns0 + cols[None, :] * ns1, mask=mask, other=0.0)) - w
-        energy += tl.sum(d * d, axis=0)
-        dot += d * w
-        norm += w * w
-    tl.store(col_ptr + pid_r.to(tl.int64) * c + cols, energy, mask=cmask)
-    pid = pid_r * tl.num_programs(0) + pid_c
-    tl.store(dot_ptr + pid, tl.sum(tl.sum(dot, axis=1), axis=0))
-    tl.store(norm_ptr + pid, tl.sum(tl.sum(norm, axis=1), axis=0))
+    """Stage 1: the tree sums over one row block of d², d·w, w² (float64) for BLOCK_C columns,
+    into part[q, block, col] (q = 0, 1, 2)."""
+    pid = tl.program_id(0)
+    block = (pid // tiles).to(tl.int64)
+    cols = _block_offsets(pid % tiles, BLOCK_C)
+    rows = block * ROWS + tl.arange(0, ROWS)
+    mask = (rows < r)[:, None] & (cols < c)[None, :]
+    w = _to_f32(tl.load(prev_ptr + rows[:, None] * ps0 + cols[None, :] * ps1, mask=mask, other=0.0))
+    x = _to_f32(tl.load(new_ptr + rows[:, None] * ns0 + cols[None, :] * ns1, mask=mask, other=0.0))
+    w = w.to(tl.float64)
+    d = x.to(tl.float64) - w
+    out = part_ptr + block * c + cols
+    plane = blocks * c
+    tl.store(out, _pairwise(d * d, ROWS, BLOCK_C), mask=cols < c)
+    tl.store(out + plane, _pairwise(d * w, ROWS, BLOCK_C), mask=cols < c)
+    tl.store(out + 2 * plane, _pairwise(w * w, ROWS, BLOCK_C), mask=cols < c)
+
+
+@triton.jit
+def _hpa_reduce_columns_kernel(
+    part_ptr, hs_ptr, ht_ptr, eps_ptr, zeta_ptr, sums_ptr, r, c, blocks, GROUP: tl.constexpr
+):  # fmt: skip
+    """Stage 2: per column, the block sums in index order (float64) -> eps_bar, zeta_bar; the
+    tree over this program's GROUP columns of the d·w and w² totals -> sums[0 / 1, program]."""
+    pid = tl.program_id(0)
+    cols = _block_offsets(pid, GROUP)
+    live = cols < c
+    plane = blocks * c
+    e = tl.zeros([GROUP], dtype=tl.float64)
+    p = tl.zeros([GROUP], dtype=tl.float64)
+    q = tl.zeros([GROUP], dtype=tl.float64)
+    for block in range(blocks):
+        at = part_ptr + block * c + cols
+        e += tl.load(at, mask=live, other=0.0)
+        p += tl.load(at + plane, mask=live, other=0.0)
+        q += tl.load(at + 2 * plane, mask=live, other=0.0)
+    mean = e / r
+    hs = tl.load(hs_ptr + cols, mask=live, other=1.0).to(tl.float64)
+    ht = tl.load(ht_ptr + cols, mask=live, other=1.0).to(tl.float64)
+    tl.store(eps_ptr + cols, (mean / hs).to(tl.float32), mask=live)
+    tl.store(zeta_ptr + cols, (mean / ht).to(tl.float32), mask=live)
+    at = sums_ptr + pid + tl.arange(0, 1)
+    tl.store(at, _pairwise(tl.reshape(p, [GROUP, 1]), GROUP, 1))
+    tl.store(at + tl.num_programs(0), _pairwise(tl.reshape(q, [GROUP, 1]), GROUP, 1))
+
+
+@triton.jit
+def _pairwise_groups_kernel(src_ptr, dst_ptr, n, GROUP: tl.constexpr):
+    """Stage 3: the tree over each GROUP consecutive values of the two float64 rows src[0 / 1, :n]
+    -> dst[0 / 1, program] (zero-padded; applied until one value is left)."""
+    pid = tl.program_id(0)
+    offs = _block_offsets(pid, GROUP)
+    at = dst_ptr + pid + tl.arange(0, 1)
+    for row in tl.static_range(2):
+        x = tl.load(src_ptr + row * n + offs, mask=offs < n, other=0.0)
+        tl.store(at + row * tl.num_programs(0), _pairwise(tl.reshape(x, [GROUP, 1]), GROUP, 1))
 
 
 @triton.jit
@@ -305,7 +356,8 @@ def adamw_step(
 def hpa_reduce(
     w_prev: Tensor, w_new: Tensor, hinv_safety: Tensor, hinv_task: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """See ``hpa_kernels.ops.hpa_reduce``."""
+    """See ``hpa_kernels.ops.hpa_reduce`` (its fixed order, in four kinds of launch: block trees,
+    column sums, column trees until one value is left, the final rounding)."""
     _check_matrix_pair(w_prev, w_new, "hpa_reduce")
     r, c = w_new.shape
     _check_vector(hinv_safety, c, "hinv_safety", "hpa_reduce")
@@ -317,18 +369,27 @@ def hpa_reduce(
         return torch.zeros(c, **f32), torch.zeros(c, **f32), torch.zeros((), **f32), torch.zeros((), **f32)
     if w_prev.dtype != w_new.dtype:
         w_prev = w_prev.to(w_new.dtype)
-    rows_per_chunk, chunks = _row_chunks(r, c, device)
-    tiles = triton.cdiv(c, _TILE_C)
-    cols = torch.empty(chunks, c, **f32)
-    dots, norms = torch.empty(chunks * tiles, **f32), torch.empty(chunks * tiles, **f32)
-    _hpa_reduce_kernel[(tiles, chunks)](
-        w_prev, w_new, cols, dots, norms, r, c, *w_prev.stride(), *w_new.stride(), rows_per_chunk,
-        BLOCK_R=_TILE_R, BLOCK_C=_TILE_C,
-    )  # fmt: skip
-    energy = cols.double().sum(dim=0) / r
-    eps_bar = (energy / hinv_safety.to(device=device, dtype=torch.float64)).float()
-    zeta_bar = (energy / hinv_task.to(device=device, dtype=torch.float64)).float()
-    return eps_bar, zeta_bar, dots.double().sum().float(), norms.double().sum().float()
+    hs = hinv_safety.to(**f32).contiguous()
+    ht = hinv_task.to(**f32).contiguous()
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        blocks, tiles = triton.cdiv(r, ROW_BLOCK), triton.cdiv(c, _REDUCE_COLS)
+        partials = torch.empty(3, blocks, c, dtype=torch.float64, device=device)
+        _hpa_reduce_blocks_kernel[(tiles * blocks,)](
+            w_prev, w_new, partials, r, c, *w_prev.stride(), *w_new.stride(), tiles, blocks,
+            ROWS=ROW_BLOCK, BLOCK_C=_REDUCE_COLS, enable_fp_fusion=False,
+        )  # fmt: skip
+        eps_bar, zeta_bar = torch.empty(c, **f32), torch.empty(c, **f32)
+        groups = triton.cdiv(c, _GROUP)
+        sums = torch.empty(2, groups, dtype=torch.float64, device=device)
+        _hpa_reduce_columns_kernel[(groups,)](
+            partials, hs, ht, eps_bar, zeta_bar, sums, r, c, blocks, GROUP=_GROUP, enable_fp_fusion=False
+        )
+        while groups > 1:
+            n, groups = groups, triton.cdiv(groups, _GROUP)
+            src, sums = sums, torch.empty(2, groups, dtype=torch.float64, device=device)
+            _pairwise_groups_kernel[(groups,)](src, sums, n, GROUP=_GROUP, enable_fp_fusion=False)
+        totals = sums.reshape(2).to(torch.float32)
+    return eps_bar, zeta_bar, totals[0], totals[1]
 
 
 def hpa_apply(w_prev: Tensor, w_new: Tensor, mask: Tensor, coef: float | Tensor, out: Tensor | None = None) -> Tensor:

@@ -128,6 +128,40 @@ HPA_HD void split_range(int64_t n, int64_t parts, int64_t k, int64_t* begin, int
   *end = *begin + base + (k < rem ? 1 : 0);
 }
 
+// The fixed summation order of the HPA reductions (hpa_kernels.ops.hpa_reduce), the same on every
+// backend, thread count, tile size and GPU: rows in blocks of kRowBlock; within a block, the
+// adjacent-pair binary tree over the block's rows (zero-padded); block sums added in index order;
+// the per-column totals of the two Frobenius sums added across columns by the same tree. All in
+// double, each product and sum one IEEE operation (no contraction), rounded to float once.
+constexpr int64_t kRowBlock = 128;
+
+// The adjacent-pair tree sum of a stream of values pushed in order: a binary counter whose level l
+// holds the sum of 2^l values not yet merged. total() equals the tree over the stream zero-padded
+// to a power of two, level by level x[2t] + x[2t+1] (hpa_kernels.ops.reference.pairwise_sum).
+struct PairwiseSum {
+  double level[64];
+  int64_t count = 0;
+
+  HPA_HD void push(double x) {
+    int l = 0;
+    for (int64_t i = count; i & 1; i >>= 1, ++l) x = level[l] + x;
+    level[l] = x;
+    ++count;
+  }
+
+  HPA_HD double total() const {
+    double acc = 0.0;
+    bool any = false;
+    for (int l = 0; l < 64; ++l) {
+      if ((count >> l) & 1) {
+        acc = any ? level[l] + acc : level[l];
+        any = true;
+      }
+    }
+    return acc;
+  }
+};
+
 // AdamW hyper-parameters of one call, as Python floats (double), like torch.optim.AdamW's.
 struct AdamWHyper {
   double lr;

@@ -22,11 +22,15 @@ const char* adamw(int dtype, int64_t n, const uintptr_t* params, const uintptr_t
                   const uintptr_t* exp_avg_sqs, const uintptr_t* steps, const int64_t* numels,
                   const AdamWHyper& hyper, uintptr_t grad_scale, uintptr_t found_inf, uintptr_t stream);
 
-// Bytes of device workspace hpa_reduce and online_step need for an (r, c) matrix (r, c > 0).
+// Bytes of device workspace hpa_reduce needs for an (r, c) matrix (r, c > 0): the float64 row-block
+// sums (3 x ceil(r / kRowBlock) x c) and the column trees' levels.
 int64_t reduce_workspace_bytes(int64_t r, int64_t c);
 
-// HPA_SPEC.md Steps 1 and 3 sums; eps_bar, zeta_bar (c,) and dot, norm_sq (0-d) fp32 on the device.
-// Deterministic: per-block partials in the workspace, summed in double in a fixed order.
+// Bytes of device workspace online_step needs for an (r, c) matrix (r, c > 0).
+int64_t online_workspace_bytes(int64_t r, int64_t c);
+
+// HPA_SPEC.md Steps 1 and 3 sums; eps_bar, zeta_bar (c,) and dot, norm_sq (0-d) fp32 on the device,
+// in the fixed float64 order of hpa/common.h (kRowBlock): the bits of every other backend.
 const char* hpa_reduce(int dtype, int64_t r, int64_t c, Mat prev, Mat next, uintptr_t hinv_safety,
                        uintptr_t hinv_task, uintptr_t eps_bar, uintptr_t zeta_bar, uintptr_t dot, uintptr_t norm_sq,
                        uintptr_t workspace, uintptr_t stream);
