@@ -341,7 +341,11 @@ class HessianCollector:
         self._sync()
         group = self._group_of.get(name)
         if group is None or group.tokens == 0 or group.xtx is None:
-            raise ValueError(f"HessianCollector: layer {name!r} saw no tokens; run calibration forwards first")
+            raise ValueError(
+                f"HessianCollector: layer {name!r} saw no tokens; run calibration forwards first (a layer the "
+                "model never calls, using only its weight, as Jamba's mamba.dt_proj, cannot be calibrated: "
+                "leave it out with HPAConfig.exclude)"
+            )
         return group.xtx * (2.0 / group.tokens)
 
     def hinv(self, damping: float = 0.01) -> dict[str, Tensor]:

@@ -1,13 +1,15 @@
 """Which layers HPA manages, and a whole task on each model family users tune (issue 11).
 
 One table of tiny models built from configs (offline, CPU): Llama, Qwen2, GPT-2 (Conv1D), BERT,
-T5 (encoder-decoder), Mixtral (fused 3-D experts), LLaVA, Qwen2-VL and Idefics3 (vision tower +
-projector + text decoder), each where the installed transformers has it.
+T5 (encoder-decoder), Mixtral (fused 3-D experts), Jamba (hybrid Mamba / attention blocks), LLaVA,
+Qwen2-VL and Idefics3 (vision tower + projector + text decoder), each where the installed
+transformers has it.
 """
 
 from __future__ import annotations
 
 import copy
+import fnmatch
 import re
 import warnings
 from collections.abc import Callable
@@ -153,8 +155,9 @@ class Family:
     Attributes:
         build: the tiny model.
         batch: one batch of its real training inputs (pixel values included), from a generator.
-        stacks: ``{stack name: (part, L, linear layers per block)}``, every block stack of the model.
+        stacks: ``{stack name: (part, L, linear layers in the stack)}``, every block stack of the model.
         warns: a regex every ``from_model`` warning must match (``None``: no warning at all).
+        exclude: ``HPAConfig.exclude`` for the family (layers its forward never calls).
         marks: pytest marks of the whole-task test.
     """
 
@@ -162,6 +165,7 @@ class Family:
     batch: Callable[[torch.Generator], dict[str, torch.Tensor]]
     stacks: dict[str, tuple[str, int, int]]
     warns: str | None = None
+    exclude: tuple[str, ...] = ()
     marks: tuple = field(default_factory=tuple)
 
 
@@ -173,17 +177,17 @@ FAMILIES = {
     "llama": Family(
         _family("LlamaForCausalLM", "LlamaConfig", {**TEXT, "tie_word_embeddings": False}),
         text_batch,
-        {"model.layers": ("language", 3, 7)},
+        {"model.layers": ("language", 3, 3 * 7)},
     ),
     "qwen2": Family(
         _family("Qwen2ForCausalLM", "Qwen2Config", {**TEXT, "tie_word_embeddings": False}),
         text_batch,
-        {"model.layers": ("language", 3, 7)},
+        {"model.layers": ("language", 3, 3 * 7)},
     ),
     "gpt2": Family(
         _family("GPT2LMHeadModel", "GPT2Config", {"vocab_size": VOCAB, "n_embd": 16, "n_layer": 3, "n_head": 2}),
         text_batch,
-        {"transformer.h": ("language", 3, 4)},  # Conv1D: c_attn, attn.c_proj, c_fc, mlp.c_proj
+        {"transformer.h": ("language", 3, 3 * 4)},  # Conv1D: c_attn, attn.c_proj, c_fc, mlp.c_proj
         marks=(pytest.mark.xfail(reason=CONV1D_NOTE, strict=True),),
     ),
     "bert": Family(
@@ -200,7 +204,7 @@ FAMILIES = {
             },
         ),
         bert_batch,
-        {"bert.encoder.layer": ("language", 3, 6)},
+        {"bert.encoder.layer": ("language", 3, 3 * 6)},
     ),
     "t5": Family(
         _family(
@@ -219,7 +223,7 @@ FAMILIES = {
             },
         ),
         t5_batch,
-        {"encoder.block": ("encoder", 2, 6), "decoder.block": ("decoder", 3, 10)},
+        {"encoder.block": ("encoder", 2, 2 * 6), "decoder.block": ("decoder", 3, 3 * 10)},
     ),
     "mixtral": Family(
         _family(
@@ -228,28 +232,53 @@ FAMILIES = {
             {**TEXT, "num_hidden_layers": 2, "num_local_experts": 4, "num_experts_per_tok": 2},
         ),
         text_batch,
-        {"model.layers": ("language", 2, 4)},  # attention only: the experts are fused 3-D weights
+        {"model.layers": ("language", 2, 2 * 4)},  # attention only: the experts are fused 3-D weights
         warns=r"(?s)not nn.Linear / Conv1D.*experts\.gate_up_proj.*experts\.down_proj",
+    ),
+    "jamba": Family(
+        _family(
+            "JambaForCausalLM",
+            "JambaConfig",
+            {
+                **TEXT,
+                "num_hidden_layers": 4,
+                "num_experts": 2,
+                "expert_layer_period": 2,
+                "expert_layer_offset": 1,
+                "attn_layer_period": 2,
+                "attn_layer_offset": 1,
+                "mamba_d_state": 4,
+                "mamba_expand": 2,
+                "mamba_dt_rank": 4,
+            },
+        ),
+        text_batch,
+        # Hybrid blocks (Mamba / attention, dense / MoE MLP): 3 + 3 linears in Mamba + dense blocks
+        # (dt_proj excluded: the Mamba mixer multiplies by its weight without calling it), 4 in
+        # attention + MoE blocks (the experts are fused 3-D weights).
+        {"model.layers": ("language", 4, 2 * (3 + 3) + 2 * 4)},
+        warns=r"(?s)not nn.Linear / Conv1D.*mamba\.conv1d\.weight.*experts\.gate_up_proj",
+        exclude=("*.mamba.dt_proj",),
     ),
     "llava": Family(
         build_llava,
         llava_batch,
         {
-            "model.vision_tower.encoder.layers": ("vision", 2, 6),
-            "model.language_model.layers": ("language", 3, 7),
+            "model.vision_tower.encoder.layers": ("vision", 2, 2 * 6),
+            "model.language_model.layers": ("language", 3, 3 * 7),
         },
     ),
     "qwen2_vl": Family(
         build_qwen2_vl,
         qwen2_vl_batch,
-        {"model.visual.blocks": ("vision", 2, 4), "model.language_model.layers": ("language", 3, 7)},
+        {"model.visual.blocks": ("vision", 2, 2 * 4), "model.language_model.layers": ("language", 3, 3 * 7)},
     ),
     "idefics3": Family(
         build_idefics3,
         idefics3_batch,
         {
-            "model.vision_model.encoder.layers": ("vision", 2, 6),
-            "model.text_model.layers": ("language", 3, 7),
+            "model.vision_model.encoder.layers": ("vision", 2, 2 * 6),
+            "model.text_model.layers": ("language", 3, 3 * 7),
         },
     ),
 }
@@ -275,11 +304,13 @@ def _batches(name: str, count: int, seed: int) -> list[dict[str, torch.Tensor]]:
     return [FAMILIES[name].batch(generator) for _ in range(count)]
 
 
-def _from_model(name: str, model: nn.Module, **kwargs) -> HPAOptimizer:
+def _from_model(name: str, model: nn.Module) -> HPAOptimizer:
     """``from_model`` with the family's expected warnings (and no other)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        optimizer = HPAOptimizer.from_model(model, lr=2e-2, weight_decay=0.0, backend="torch", **kwargs)
+        optimizer = HPAOptimizer.from_model(
+            model, lr=2e-2, weight_decay=0.0, backend="torch", hpa=HPAConfig(exclude=FAMILIES[name].exclude)
+        )
     ours = [str(w.message) for w in caught if "HPA" in str(w.message)]
     expected = FAMILIES[name].warns
     if expected is None:
@@ -301,19 +332,23 @@ def test_managed_layers_and_depths(name: str) -> None:
     }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        layers = find_hpa_layers(model)
-    for stack, (part, depth, per_block) in family.stacks.items():
-        linears = [n for n, m in model.named_modules() if is_linear(m) and n.startswith(stack + ".")]
+        layers = find_hpa_layers(model, HPAConfig(exclude=family.exclude))
+    for stack, (part, depth, count) in family.stacks.items():
+        linears = [
+            n
+            for n, m in model.named_modules()
+            if is_linear(m) and n.startswith(stack + ".") and not any(fnmatch.fnmatchcase(n, p) for p in family.exclude)
+        ]
         managed = [n for n in layers if n.startswith(stack + ".")]
         if part in LANGUAGE_PARTS:
-            assert managed == linears and len(managed) == depth * per_block, stack
+            assert managed == linears and len(managed) == count, stack
             schedule = functional.retention_schedule(depth, 0.15, 0.05)
             for n in managed:
                 block = int(n[len(stack) + 1 :].split(".")[0])
                 assert (layers[n].block, layers[n].num_blocks, layers[n].part) == (block, depth, part), n
                 assert layers[n].retain_ratio == schedule[block], n
         else:
-            assert not managed and len(linears) == depth * per_block, stack
+            assert not managed and len(linears) == count, stack
     assert all(any(n.startswith(s + ".") for s in family.stacks) for n in layers)  # no head, no projector
 
 
