@@ -14,7 +14,7 @@ peft = pytest.importorskip("peft")
 from helpers import tiny_llama  # noqa: E402
 
 from hpa_kernels import HPAOptimizer, functional  # noqa: E402
-from hpa_kernels.integrations import HPACallback, calibrate  # noqa: E402
+from hpa_kernels.integrations import HPACallback, calibrate, decoder_attention_mask  # noqa: E402
 
 VOCAB, LENGTH = 64, 8
 
@@ -161,3 +161,10 @@ def test_callback_defaults_to_the_training_data(tmp_path) -> None:
         model=model, args=args, train_dataset=train_set, optimizers=(optimizer, None), callbacks=[callback]
     ).train()
     assert optimizer.tasks_completed == 1 and len(callback.reports) == 1
+
+
+def test_decoder_attention_mask_follows_the_shift_of_the_labels() -> None:
+    """Decoder input t holds labels[t - 1] (t ≥ 1) or the start token (t = 0): padding is where the
+    shifted label is ignored (-100)."""
+    labels = torch.tensor([[5, 6, 7, 8], [5, 6, -100, -100]])
+    assert decoder_attention_mask(labels).tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
