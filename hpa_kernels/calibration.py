@@ -92,9 +92,9 @@ class HessianCollector:
 
     **Which positions count** (HPA_SPEC.md Step 0: padding is excluded). The masks are read from
     the model's own forward calls, so multimodal, encoder-decoder and ``generate`` calls need no
-    help: each block stack takes the 2-D ``attention_mask`` keyword of the outermost module above
-    it that is above no other stack (a LLaVA's language model, each ``T5Stack``, or the model
-    itself), so the text decoder of a multimodal model gets the mask of its own input sequence,
+    help: each block stack takes the ``attention_mask`` keyword of the innermost module above it
+    whose call has a 2-D one (or ``None``), among the modules above that stack and no other (a
+    LLaVA's language model, each ``T5Stack``, a Llama's ``LlamaModel``), so the text decoder of a multimodal model gets the mask of its own input sequence,
     image tokens included (they count as tokens), and each stack of an encoder-decoder its own
     mask; a decoder layer reading the encoder's output (cross-attention keys and values) takes that
     call's ``encoder_attention_mask``. When a call's sequence (``input_ids`` / ``inputs_embeds``) is
@@ -239,7 +239,7 @@ class HessianCollector:
         scope = self._scope.get(name, ())
         if scope is None:
             return self._select(name, x, None, routed=False)
-        for key in scope:
+        for key in reversed(scope):  # the innermost call: the sequence the stack itself reads
             call = self._calls.get(key)
             if call is None:
                 continue

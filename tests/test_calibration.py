@@ -264,3 +264,25 @@ def test_conv1d_layers_are_collected_on_their_input_features():
         model(x)
     torch.testing.assert_close(collector.hessian("0"), 2.0 / 4 * x.T @ x)
     assert collector.hinv()["0"].shape == (5,)
+
+
+class _Prefixed(nn.Module):
+    """Prepends one learned position to the sequence and the mask (as PEFT prompt tuning does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = _Decoder()
+        self.prefix = nn.Parameter(torch.ones(1, 1, 3))
+
+    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        batch = inputs_embeds.shape[0]
+        embeds = torch.cat([self.prefix.expand(batch, 1, 3), inputs_embeds], dim=1)
+        return self.inner(inputs_embeds=embeds, attention_mask=torch.cat([torch.ones(batch, 1), attention_mask], 1))
+
+
+def test_the_stack_takes_the_innermost_calls_mask():
+    """The mask of the call nearest the stack: the one that matches the sequence its blocks read."""
+    model = _Prefixed()
+    with torch.no_grad(), HessianCollector(model, ["inner.layers.0.0"]) as collector:
+        model(inputs_embeds=torch.randn(2, 4, 3), attention_mask=torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]]))
+    assert collector.num_tokens("inner.layers.0.0") == 2 + 6
