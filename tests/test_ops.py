@@ -658,3 +658,123 @@ def test_tall_layer_reduce_is_within_one_ulp_of_the_exact_sum(backend, device):
     exact_norm = math.fsum((prev * prev).ravel().tolist())
     for got, want in [*zip(eps_bar.cpu().tolist(), exact), (dot.item(), exact_dot), (norm_sq.item(), exact_norm)]:
         assert abs(got - want) <= 2.0**-23 * abs(want), (got, want)
+
+
+_PTX_SCRIPT = """
+import os, sys
+os.environ.pop("TRITON_INTERPRET", None)
+import triton
+from triton.backends.compiler import GPUTarget
+from hpa_kernels.ops import triton_kernels as tk
+
+def ptx(fn, signature, constexprs):
+    signature = {**signature, **{name: "constexpr" for name in constexprs}}
+    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=tk.LAUNCH_OPTIONS).asm["ptx"]
+
+hyper = {k: "fp64" for k in ("lr", "log_beta1", "log_beta2", "beta1", "beta2", "eps", "weight_decay")}
+flags = {"HAS_SCALE": True, "HAS_INF": True, "MAXIMIZE": False, "LR_PTR": True}
+f32 = "*fp32"
+adamw = {"p_ptr": "*bf16", "g_ptr": "*bf16", "m_ptr": f32, "v_ptr": f32, "step_ptr": f32, "lr_ptr": f32,
+         "scale_ptr": f32, "inf_ptr": f32, "n": "i64", **hyper}
+online = {"p_ptr": "*bf16", "g_ptr": "*bf16", "m_ptr": f32, "v_ptr": f32, "w_ptr": "*bf16", "mask_ptr": "*u8",
+          "step_ptr": f32, "lr_ptr": f32, "scale_ptr": f32, "inf_ptr": f32, "col_ptr": f32, "dot_ptr": f32,
+          "norm_ptr": f32, "r": "i64", "c": "i64", "rows_per_chunk": "i64", **hyper}
+with open(sys.argv[1], "w") as out:
+    out.write(ptx(tk._adamw_kernel, adamw, {**flags, "BLOCK": 1024}))
+    out.write(ptx(tk._online_pass1_kernel, online, {**flags, "BLOCK_R": 32, "BLOCK_C": 64}))
+"""
+
+
+@pytest.mark.skipif("triton" not in AVAILABLE, reason="needs triton")
+def test_triton_adamw_ptx_rounds_correctly(tmp_path):
+    """Issue 13: compiled for sm_90, the Triton AdamW used approximate division and square root
+    (``div.full.f32``, ``sqrt.approx.ftz.f32``) and FMA contraction (whose default changes in Triton
+    3.10); the interpreter computes exactly, so CPU tests could not see it. The PTX (compiled here,
+    no GPU needed) of the AdamW and online-step kernels, with the launch options every launch
+    uses, has IEEE ``div.rn`` / ``sqrt.rn`` only and no fp32 FMA (the fp64 FMAs left are inside
+    libdevice's ``exp`` of the bias corrections)."""
+    import re
+    import subprocess
+    import sys
+
+    out = tmp_path / "kernels.ptx"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "-c", _PTX_SCRIPT, str(out)], env=env, check=True)
+    code = out.read_text()
+    for approximate in ("div.full", "div.approx", "sqrt.approx", "rcp.approx", "ex2.approx.f32", "fma.rn.f32"):
+        assert approximate not in code, approximate
+    assert "div.rn.f32" in code and "sqrt.rn.f32" in code
+    assert set(re.findall(r"\bfma\.[a-z0-9.]+", code)) <= {"fma.rn.f64"}
+
+
+@pytest.mark.skipif(not TRITON_ON_CPU, reason="needs the Triton interpreter (no GPU)")
+@pytest.mark.parametrize("lr", [1e-2, torch.tensor(1e-2)], ids=["float", "cpu-tensor"])
+def test_triton_step_builds_no_device_tensor_from_host_values(monkeypatch, lr):
+    """Issue 13: every Triton AdamW / online step rebuilt its hyperparameters as a device tensor
+    (``torch.tensor([...], device=...)``: a host-to-device copy, a sync from pageable memory). They
+    are kernel arguments now: a step calls ``torch.tensor`` not once."""
+    shape = (17, 33)
+    gen = torch.Generator().manual_seed(2)
+    p, g, w = (torch.randn(shape, generator=gen) for _ in range(3))
+    m, v = torch.zeros(shape), torch.zeros(shape)
+    step, mask, energy = torch.zeros(()), torch.zeros(shape[1], dtype=torch.bool), torch.zeros(shape[1])
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.tensor called inside a step")
+
+    monkeypatch.setattr(torch, "tensor", refuse)
+    hyper = dict(HYPER, lr=lr)
+    ops.adamw_step([p], [g], [m], [v], [step], **hyper, backend="triton")
+    ops.online_step(p, g, m, v, step, w, mask, energy, **hyper, backend="triton")
+    assert step.item() == 2.0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2 or "triton" not in AVAILABLE, reason="needs two GPUs and triton")
+def test_triton_launches_on_the_tensors_device():
+    """Issue 13: Triton launches went to the current device: parameters on cuda:1 while cuda:0 is
+    current must be stepped, reduced and written on cuda:1, as on cuda:0."""
+    results = []
+    for device in ("cuda:0", "cuda:1"):
+        w_prev, w_new, hinv_s, hinv_t = (t.to(device) for t in _reduce_pair((65, 33), torch.float32))
+        with torch.cuda.device(0):
+            reduced = ops.hpa_reduce(w_prev, w_new, hinv_s, hinv_t, backend="triton")
+            written = ops.hpa_apply(w_prev, w_new, torch.zeros(33, dtype=torch.bool, device=device), 0.5,
+                                    backend="triton")  # fmt: skip
+            state = [w_new.clone(), torch.ones_like(w_new), torch.zeros_like(w_new), torch.zeros_like(w_new)]
+            step = torch.zeros((), device=device)
+            ops.adamw_step([state[0]], [state[1]], [state[2]], [state[3]], [step], **HYPER, backend="triton")
+        results.append([t.cpu() for t in (*reduced, written, *state, step)])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        pytest.param("cpu", marks=pytest.mark.skipif(not TRITON_ON_CPU, reason="needs the Triton interpreter")),
+        pytest.param("cuda", marks=[pytest.mark.gpu, _gpu_skip("triton")]),
+    ],
+)
+def test_triton_bits_do_not_depend_on_the_sm_count(monkeypatch, device):
+    """Issue 13: Triton's reduction split was 4 × the GPU's SM count, so an H100 PCIe, an H100 SXM
+    and a MIG slice gave different bits. With the SM count patched to 7 and to 132 the reduce and
+    the online step give the same bits (on CPU the interpreter path must not read it at all)."""
+    from types import SimpleNamespace
+
+    real = torch.cuda.get_device_properties
+    runs = []
+    for sms in (7, 132):
+
+        def fake(*args, sms=sms, **kwargs):
+            props = real(*args, **kwargs) if device == "cuda" else None
+            return SimpleNamespace(multi_processor_count=sms, **({"name": props.name} if props else {}))
+
+        monkeypatch.setattr(torch.cuda, "get_device_properties", fake)
+        w_prev, w_new, hinv_s, hinv_t = (t.to(device) for t in _reduce_pair((300, 70), torch.float32))
+        reduced = ops.hpa_reduce(w_prev, w_new, hinv_s, hinv_t, backend="triton")
+        online = list(_online_run("triton", device, torch.float32, (600, 70), steps=2))[-1][0]
+        runs.append([*reduced, online["param"], online["col_energy"]])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)

@@ -2,9 +2,13 @@
 
 Triton reads ``TRITON_INTERPRET`` when this module's kernels are decorated, so it must be set
 before this module is first imported. Kernels compute in fp32 with 64-bit offsets
-(:func:`_block_offsets`); AdamW constants (bias corrections) are computed in fp64 on the device
-from the step count, and ``grad_scale`` / ``found_inf`` / ``coef`` are read on the device, so no op
-here synchronises with the host. ``hpa_reduce`` follows the fixed float64 summation order of
+(:func:`_block_offsets`), IEEE division and square root (``div_rn``, ``sqrt_rn``) and no FMA
+contraction (every launch passes :data:`LAUNCH_OPTIONS`), so they round as the CPU backend and
+torch's own CPU AdamW do. Launches run on the tensors' device (not the current one). AdamW
+hyperparameters are fp64 kernel arguments (a CUDA-tensor ``lr`` is read on the device), its
+constants (bias corrections) are computed in fp64 on the device from the step count, and
+``grad_scale`` / ``found_inf`` / ``coef`` are read on the device, so no op here synchronises with
+the host. ``hpa_reduce`` follows the fixed float64 summation order of
 ``hpa_kernels.ops.hpa_reduce`` in kernels only (row-block trees, block sums in index order, column
 trees), so its bits equal the ``"torch"`` reference's on any GPU. The online step's column
 reductions write per-program fp32 partials that torch sums in a fixed order (deterministic for a
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import Any
 
 import torch
 import triton
@@ -35,10 +40,15 @@ _REDUCE_COLS = 16  # columns per program of the reduce's first stage (ROW_BLOCK 
 _GROUP = 128  # values per program of the reduce's column trees (a power of two)
 
 
-def _target_programs(device: torch.device) -> int:
-    if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # the interpreter runs programs one after another
+_ONLINE_CHUNK_ROWS = 16 * _TILE_R  # rows per program of the online step's first pass
+# Every launch: no a*b+c contraction into FMA (Triton's default changes in 3.10; the CPU build and
+# the CUDA build pass -ffp-contract=off / -fmad=false).
+LAUNCH_OPTIONS = {"enable_fp_fusion": False}
+
+
+def _on(device: torch.device) -> contextlib.AbstractContextManager:
+    """Launch on ``device`` (Triton launches on the current CUDA device otherwise)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 @triton.jit
@@ -71,39 +81,36 @@ def _to_f32(x):
 
 
 @triton.jit
-def _adamw_consts(step_ptr, hyper_ptr):
-    """fp32 constants of one step, computed in fp64 from the step count t = *step + 1.
-
-    hyper_ptr: fp64 [lr, log(beta1), log(beta2), beta1, beta2, eps, weight_decay].
-    """
+def _adamw_consts(step_ptr, lr_ptr, lr, log_beta1, log_beta2, beta1, beta2, eps, weight_decay, LR_PTR: tl.constexpr):
+    """fp32 constants of one step, computed in fp64 from the step count t = *step + 1 (lr read
+    from ``lr_ptr`` when LR_PTR, a CUDA-tensor learning rate)."""
     t = tl.load(step_ptr).to(tl.float64) + 1.0
-    lr = tl.load(hyper_ptr)
-    beta1 = tl.load(hyper_ptr + 3)
-    beta2 = tl.load(hyper_ptr + 4)
-    step_size = (lr / (1.0 - tl.exp(t * tl.load(hyper_ptr + 1)))).to(tl.float32)
-    bc2_sqrt = tl.sqrt(1.0 - tl.exp(t * tl.load(hyper_ptr + 2))).to(tl.float32)
-    decay = (1.0 - lr * tl.load(hyper_ptr + 6)).to(tl.float32)
-    lerp_w = (1.0 - beta1).to(tl.float32)
-    b2 = beta2.to(tl.float32)
-    one_minus_b2 = (1.0 - beta2).to(tl.float32)
-    eps = tl.load(hyper_ptr + 5).to(tl.float32)
-    return step_size, bc2_sqrt, decay, lerp_w, b2, one_minus_b2, eps
+    if LR_PTR:
+        lr = tl.load(lr_ptr).to(tl.float64)
+    # fp64 division and square root compile to div.rn.f64 / sqrt.rn.f64 (PTX has no approximate ones)
+    step_size = (lr / (1.0 - tl.exp(t * log_beta1))).to(tl.float32)
+    bc2_sqrt = tl.sqrt(1.0 - tl.exp(t * log_beta2)).to(tl.float32)
+    decay = tl.cast(1.0 - lr * weight_decay, tl.float32)
+    lerp_w = tl.cast(1.0 - beta1, tl.float32)
+    one_minus_b2 = tl.cast(1.0 - beta2, tl.float32)
+    return step_size, bc2_sqrt, decay, lerp_w, tl.cast(beta2, tl.float32), one_minus_b2, tl.cast(eps, tl.float32)
 
 
 @triton.jit
 def _adamw_math(p, g, m, v, step_size, bc2_sqrt, decay, lerp_w, b2, one_minus_b2, eps):
-    """torch.optim.AdamW's element update in fp32 (ATen's two-branch lerp); returns (p, m, v)."""
+    """torch.optim.AdamW's element update in fp32 (ATen's two-branch lerp), IEEE division and
+    square root; returns (p, m, v)."""
     m = tl.where(lerp_w < 0.5, m + lerp_w * (g - m), g - (g - m) * (1.0 - lerp_w))
     v = v * b2 + one_minus_b2 * g * g
-    denom = tl.sqrt(v) / bc2_sqrt + eps
-    return p * decay - step_size * (m / denom), m, v
+    denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
+    return p * decay - step_size * tl.div_rn(m, denom), m, v
 
 
 @triton.jit
 def _load_grad(g_ptr, offs, mask, scale_ptr, HAS_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr):
     g = _to_f32(tl.load(g_ptr + offs, mask=mask, other=0.0))
     if HAS_SCALE:
-        g = g / tl.load(scale_ptr)
+        g = tl.div_rn(g, tl.load(scale_ptr))
     if MAXIMIZE:
         g = -g
     return g
@@ -111,14 +118,19 @@ def _load_grad(g_ptr, offs, mask, scale_ptr, HAS_SCALE: tl.constexpr, MAXIMIZE: 
 
 @triton.jit
 def _adamw_kernel(
-    p_ptr, g_ptr, m_ptr, v_ptr, step_ptr, hyper_ptr, scale_ptr, inf_ptr, n,
-    HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr, MAXIMIZE: tl.constexpr, BLOCK: tl.constexpr,
+    p_ptr, g_ptr, m_ptr, v_ptr, step_ptr, lr_ptr, scale_ptr, inf_ptr, n,
+    lr: tl.float64, log_beta1: tl.float64, log_beta2: tl.float64, beta1: tl.float64, beta2: tl.float64,
+    eps: tl.float64, weight_decay: tl.float64,
+    HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr, MAXIMIZE: tl.constexpr, LR_PTR: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):  # fmt: skip
     if HAS_INF:
         n = tl.where(tl.load(inf_ptr) == 0.0, n, 0)  # GradScaler skip: nothing is read or written
     offs = _block_offsets(tl.program_id(0), BLOCK)
     mask = offs < n
-    step_size, bc2_sqrt, decay, lerp_w, b2, one_minus_b2, eps = _adamw_consts(step_ptr, hyper_ptr)
+    step_size, bc2_sqrt, decay, lerp_w, b2, one_minus_b2, eps = _adamw_consts(
+        step_ptr, lr_ptr, lr, log_beta1, log_beta2, beta1, beta2, eps, weight_decay, LR_PTR
+    )
     g = _load_grad(g_ptr, offs, mask, scale_ptr, HAS_SCALE, MAXIMIZE)
     p = _to_f32(tl.load(p_ptr + offs, mask=mask, other=0.0))
     m = tl.load(m_ptr + offs, mask=mask, other=0.0)
@@ -203,14 +215,15 @@ def _pairwise_groups_kernel(src_ptr, dst_ptr, n, GROUP: tl.constexpr):
 
 @triton.jit
 def _hpa_apply_kernel(
-    prev_ptr, new_ptr, out_ptr, mask_ptr, coef_ptr, r, c, ps0, ps1, ns0, ns1, os0, os1,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    prev_ptr, new_ptr, out_ptr, mask_ptr, coef_ptr, coef: tl.float32, r, c, ps0, ps1, ns0, ns1, os0, os1,
+    COEF_PTR: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     rows = _block_offsets(tl.program_id(0), BLOCK_R)
     cols = _block_offsets(tl.program_id(1), BLOCK_C)
     inside = (rows < r)[:, None] & (cols < c)[None, :]
     keep = tl.load(mask_ptr + cols, mask=cols < c, other=0) != 0
-    coef = tl.load(coef_ptr)
+    if COEF_PTR:
+        coef = tl.load(coef_ptr)
     w = tl.load(prev_ptr + rows[:, None] * ps0 + cols[None, :] * ps1, mask=inside, other=0.0)
     x = tl.load(new_ptr + rows[:, None] * ns0 + cols[None, :] * ns1, mask=inside, other=0.0)
     moved = _round_to(_to_f32(x) - coef * _to_f32(w), out_ptr.dtype.element_ty)
@@ -220,9 +233,11 @@ def _hpa_apply_kernel(
 
 @triton.jit
 def _online_pass1_kernel(
-    p_ptr, g_ptr, m_ptr, v_ptr, w_ptr, mask_ptr, step_ptr, hyper_ptr, scale_ptr, inf_ptr,
+    p_ptr, g_ptr, m_ptr, v_ptr, w_ptr, mask_ptr, step_ptr, lr_ptr, scale_ptr, inf_ptr,
     col_ptr, dot_ptr, norm_ptr, r, c, rows_per_chunk,
-    HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr, MAXIMIZE: tl.constexpr,
+    lr: tl.float64, log_beta1: tl.float64, log_beta2: tl.float64, beta1: tl.float64, beta2: tl.float64,
+    eps: tl.float64, weight_decay: tl.float64,
+    HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr, MAXIMIZE: tl.constexpr, LR_PTR: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     pid_c = tl.program_id(0)
@@ -233,7 +248,9 @@ def _online_pass1_kernel(
         c_live = tl.where(tl.load(inf_ptr) == 0.0, c, 0)  # GradScaler skip: nothing is written
     cmask = cols < c_live
     keep = (tl.load(mask_ptr + cols, mask=cols < c, other=0) != 0)[None, :]
-    step_size, bc2_sqrt, decay, lerp_w, b2, one_minus_b2, eps = _adamw_consts(step_ptr, hyper_ptr)
+    step_size, bc2_sqrt, decay, lerp_w, b2, one_minus_b2, eps = _adamw_consts(
+        step_ptr, lr_ptr, lr, log_beta1, log_beta2, beta1, beta2, eps, weight_decay, LR_PTR
+    )
     r0 = pid_r.to(tl.int64) * rows_per_chunk
     r1 = tl.minimum(r0 + rows_per_chunk, r)
     energy = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -285,18 +302,24 @@ def _online_pass2_kernel(
 # Host launchers (the ops of hpa_kernels.ops for this backend)
 
 
-def _hyper(lr, beta1, beta2, eps, weight_decay, device: torch.device) -> Tensor:
-    values = [float(lr), math.log(beta1) if beta1 > 0 else -math.inf, math.log(beta2) if beta2 > 0 else -math.inf]
-    values += [float(beta1), float(beta2), float(eps), float(weight_decay)]
-    return torch.tensor(values, dtype=torch.float64, device=device)
-
-
-def _row_chunks(r: int, c: int, device: torch.device) -> tuple[int, int]:
-    """(rows per chunk, number of chunks) for a column reduction over (r, c) in _TILE_R x _TILE_C tiles."""
-    tiles = triton.cdiv(c, _TILE_C)
-    chunks = max(1, min(triton.cdiv(r, _TILE_R), _target_programs(device) // tiles))
-    rows_per_chunk = triton.cdiv(triton.cdiv(r, chunks), _TILE_R) * _TILE_R
-    return rows_per_chunk, triton.cdiv(r, rows_per_chunk)
+def _hyper(lr, beta1, beta2, eps, weight_decay, device: torch.device) -> tuple[Tensor | None, dict[str, Any]]:
+    """The AdamW kernels' hyperparameter arguments: Python floats (fp64 kernel arguments, no
+    device tensor is built per call) and, for a CUDA-tensor ``lr``, that tensor (read on the
+    device, no host sync)."""
+    lr_tensor = lr if isinstance(lr, Tensor) and lr.device.type == "cuda" else None
+    args = {
+        "lr": 0.0 if lr_tensor is not None else float(lr),
+        "log_beta1": math.log(beta1) if beta1 > 0 else -math.inf,
+        "log_beta2": math.log(beta2) if beta2 > 0 else -math.inf,
+        "beta1": float(beta1),
+        "beta2": float(beta2),
+        "eps": float(eps),
+        "weight_decay": float(weight_decay),
+        "LR_PTR": lr_tensor is not None,
+    }
+    if lr_tensor is not None:
+        lr_tensor = lr_tensor.detach().reshape(()).to(device=device, dtype=torch.float32)
+    return lr_tensor, args
 
 
 def _skip_flag(found_inf: Tensor | None, device: torch.device) -> Tensor | None:
@@ -325,8 +348,18 @@ def adamw_step(
     if not params:
         return
     device = params[0].device
+    with _on(device):
+        _adamw_launch(params, grads, exp_avgs, exp_avg_sqs, state_steps, device, lr, beta1, beta2, eps,
+                      weight_decay, maximize, grad_scale, found_inf)  # fmt: skip
+
+
+def _adamw_launch(
+    params, grads, exp_avgs, exp_avg_sqs, state_steps, device, lr, beta1, beta2, eps, weight_decay, maximize,
+    grad_scale, found_inf,
+) -> None:  # fmt: skip
+    """The body of :func:`adamw_step`, on the tensors' device."""
     staging = _Staging()
-    hyper = _hyper(lr, beta1, beta2, eps, weight_decay, device)
+    lr_tensor, hyper = _hyper(lr, beta1, beta2, eps, weight_decay, device)
     scale_ptr = staging.scalar_tensor(grad_scale, device)
     inf_ptr = staging.scalar_tensor(found_inf, device)
     skip = _skip_flag(found_inf, device)
@@ -345,9 +378,9 @@ def adamw_step(
         if n > 0:
             grid = (triton.cdiv(n, _ADAMW_BLOCK),)
             _adamw_kernel[grid](
-                p_, g_, m_, v_, s_, hyper, scale_ptr, inf_ptr, n,
+                p_, g_, m_, v_, s_, s_ if lr_tensor is None else lr_tensor, scale_ptr, inf_ptr, n, **hyper,
                 HAS_SCALE=grad_scale is not None, HAS_INF=found_inf is not None, MAXIMIZE=bool(maximize),
-                BLOCK=_ADAMW_BLOCK,
+                BLOCK=_ADAMW_BLOCK, **LAUNCH_OPTIONS,
             )  # fmt: skip
         s_.add_(1.0 if skip is None else (~skip).to(torch.float32))
     staging.finish()
@@ -371,23 +404,23 @@ def hpa_reduce(
         w_prev = w_prev.to(w_new.dtype)
     hs = hinv_safety.to(**f32).contiguous()
     ht = hinv_task.to(**f32).contiguous()
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+    with _on(device):
         blocks, tiles = triton.cdiv(r, ROW_BLOCK), triton.cdiv(c, _REDUCE_COLS)
         partials = torch.empty(3, blocks, c, dtype=torch.float64, device=device)
         _hpa_reduce_blocks_kernel[(tiles * blocks,)](
             w_prev, w_new, partials, r, c, *w_prev.stride(), *w_new.stride(), tiles, blocks,
-            ROWS=ROW_BLOCK, BLOCK_C=_REDUCE_COLS, enable_fp_fusion=False,
+            ROWS=ROW_BLOCK, BLOCK_C=_REDUCE_COLS, **LAUNCH_OPTIONS,
         )  # fmt: skip
         eps_bar, zeta_bar = torch.empty(c, **f32), torch.empty(c, **f32)
         groups = triton.cdiv(c, _GROUP)
         sums = torch.empty(2, groups, dtype=torch.float64, device=device)
         _hpa_reduce_columns_kernel[(groups,)](
-            partials, hs, ht, eps_bar, zeta_bar, sums, r, c, blocks, GROUP=_GROUP, enable_fp_fusion=False
+            partials, hs, ht, eps_bar, zeta_bar, sums, r, c, blocks, GROUP=_GROUP, **LAUNCH_OPTIONS
         )
         while groups > 1:
             n, groups = groups, triton.cdiv(groups, _GROUP)
             src, sums = sums, torch.empty(2, groups, dtype=torch.float64, device=device)
-            _pairwise_groups_kernel[(groups,)](src, sums, n, GROUP=_GROUP, enable_fp_fusion=False)
+            _pairwise_groups_kernel[(groups,)](src, sums, n, GROUP=_GROUP, **LAUNCH_OPTIONS)
         totals = sums.reshape(2).to(torch.float32)
     return eps_bar, zeta_bar, totals[0], totals[1]
 
@@ -409,13 +442,15 @@ def hpa_apply(w_prev: Tensor, w_new: Tensor, mask: Tensor, coef: float | Tensor,
         raise ValueError("hpa_apply: out must match w_new in shape, dtype and device")
     if r == 0 or c == 0:
         return out
-    coef_t = torch.as_tensor(coef, dtype=torch.float32).to(device).reshape(())
-    mask_u8 = mask.to(device).contiguous().view(torch.uint8)
-    grid = (triton.cdiv(r, _TILE_R), triton.cdiv(c, _TILE_C))
-    _hpa_apply_kernel[grid](
-        w_prev, w_new, out, mask_u8, coef_t, r, c, *w_prev.stride(), *w_new.stride(), *out.stride(),
-        BLOCK_R=_TILE_R, BLOCK_C=_TILE_C,
-    )  # fmt: skip
+    with _on(device):
+        coef_t = coef.detach().reshape(()).to(device=device, dtype=torch.float32) if isinstance(coef, Tensor) else None
+        mask_u8 = mask.to(device).contiguous().view(torch.uint8)
+        grid = (triton.cdiv(r, _TILE_R), triton.cdiv(c, _TILE_C))
+        _hpa_apply_kernel[grid](
+            w_prev, w_new, out, mask_u8, out if coef_t is None else coef_t, 0.0 if coef_t is not None else float(coef),
+            r, c, *w_prev.stride(), *w_new.stride(), *out.stride(),
+            COEF_PTR=coef_t is not None, BLOCK_R=_TILE_R, BLOCK_C=_TILE_C, **LAUNCH_OPTIONS,
+        )  # fmt: skip
     return out
 
 
@@ -448,6 +483,20 @@ def online_step(
     if r == 0 or c == 0:
         state_step.add_(1.0 if skip is None else (~skip).to(state_step.device, state_step.dtype))
         return torch.zeros((), **f32)
+    with _on(device):
+        return _online_launch(
+            param, grad, exp_avg, exp_avg_sq, state_step, w_prev, mask, col_energy, device, skip, lr, beta1, beta2,
+            eps, weight_decay, maximize, grad_scale, found_inf, orthogonal,
+        )  # fmt: skip
+
+
+def _online_launch(
+    param, grad, exp_avg, exp_avg_sq, state_step, w_prev, mask, col_energy, device, skip, lr, beta1, beta2, eps,
+    weight_decay, maximize, grad_scale, found_inf, orthogonal,
+) -> Tensor:  # fmt: skip
+    """The body of :func:`online_step`, on the tensors' device."""
+    r, c = param.shape
+    f32 = {"dtype": torch.float32, "device": device}
     staging = _Staging()
     p_ = staging.contiguous(param, write_back=True)
     m_ = staging.contiguous(exp_avg, write_back=True)
@@ -456,16 +505,16 @@ def online_step(
     g_ = staging.contiguous(grad, write_back=False)
     w_ = staging.contiguous(w_prev, write_back=False)
     mask_u8 = mask.to(device).contiguous().view(torch.uint8)
-    rows_per_chunk, chunks = _row_chunks(r, c, device)
-    tiles = triton.cdiv(c, _TILE_C)
+    chunks, tiles = triton.cdiv(r, _ONLINE_CHUNK_ROWS), triton.cdiv(c, _TILE_C)
     cols = torch.empty(chunks, c, **f32)
     dots, norms = torch.empty(chunks * tiles, **f32), torch.empty(chunks * tiles, **f32)
+    lr_tensor, hyper = _hyper(lr, beta1, beta2, eps, weight_decay, device)
     _online_pass1_kernel[(tiles, chunks)](
-        p_, g_, m_, v_, w_, mask_u8, s_, _hyper(lr, beta1, beta2, eps, weight_decay, device),
+        p_, g_, m_, v_, w_, mask_u8, s_, s_ if lr_tensor is None else lr_tensor,
         staging.scalar_tensor(grad_scale, device), staging.scalar_tensor(found_inf, device),
-        cols, dots, norms, r, c, rows_per_chunk,
+        cols, dots, norms, r, c, _ONLINE_CHUNK_ROWS, **hyper,
         HAS_SCALE=grad_scale is not None, HAS_INF=found_inf is not None, MAXIMIZE=bool(maximize),
-        BLOCK_R=_TILE_R, BLOCK_C=_TILE_C,
+        BLOCK_R=_TILE_R, BLOCK_C=_TILE_C, **LAUNCH_OPTIONS,
     )  # fmt: skip
     energy = (col_energy.double() + cols.double().sum(dim=0)).float()
     dot, norm_sq = dots.double().sum(), norms.double().sum()
@@ -478,6 +527,6 @@ def online_step(
     col_energy.copy_(energy)
     s_.add_(1.0 if skip is None else (~skip).to(torch.float32))
     grid = (triton.cdiv(r, _TILE_R), triton.cdiv(c, _TILE_C))
-    _online_pass2_kernel[grid](p_, w_, mask_u8, coef, r, c, BLOCK_R=_TILE_R, BLOCK_C=_TILE_C)
+    _online_pass2_kernel[grid](p_, w_, mask_u8, coef, r, c, BLOCK_R=_TILE_R, BLOCK_C=_TILE_C, **LAUNCH_OPTIONS)
     staging.finish()
     return coef
