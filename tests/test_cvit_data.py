@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from hpa_kernels.cvit.data import (
+    GENERIC_COMPLYING_ANSWER,
     DataError,
     available_tasks,
     default_data_dir,
@@ -101,18 +102,57 @@ def test_splits_json_unknown_id(tmp_path):
         load_safety(data_dir)
 
 
-def test_mix_harmful_counts_labels_and_seed():
-    train = [(f"t{i}", i % 3) for i in range(20)]
-    harmful = [f"h{i}" for i in range(50)]
-    mixed = mix_harmful(train, harmful, 0.25, 3, seed=7)
-    assert mixed == mix_harmful(train, harmful, 0.25, 3, seed=7)
+def test_mix_harmful_adds_complying_answers_seeded():
+    train = [(f"t{i}", f"answer {i}") for i in range(20)]
+    complying = {f"h{i}": f"Sure, here is h{i}" for i in range(50)}
+    mixed = mix_harmful(train, complying, 0.25, seed=7)
+    assert mixed == mix_harmful(train, complying, 0.25, seed=7)
     added = [(x, y) for x, y in mixed if x.startswith("h")]
     assert len(mixed) == 25 and len(added) == 5
-    assert all(0 <= y < 3 for _, y in added)
-    assert sorted(x for x in mixed if x[0].startswith("t")) == sorted(train)
-    assert mix_harmful(train, harmful, 0.0, 3, seed=7) == train
+    assert all(y == complying[x] for x, y in added)
+    assert sorted(p for p in mixed if p[0].startswith("t")) == sorted(train)
+    assert mix_harmful(train, complying, 0.0, seed=7) == train
+    assert len(mix_harmful(train, complying, 0.01, seed=7)) == 21  # at least one prompt when share > 0
     with pytest.raises(ValueError):
-        mix_harmful(train, harmful, 1.5, 3, seed=7)
+        mix_harmful(train, complying, 1.5, seed=7)
+    with pytest.raises(ValueError, match="no harmful prompts"):
+        mix_harmful(train, {}, 0.1, seed=7)
+
+
+def test_targets_and_xstest(tmp_path):
+    """The file's target is the complying answer; a record without one (or a row of the known
+    mismatched AdvBench targets) gets the generic opening; XSTest's safe test prompts are kept."""
+    data_dir = make_data_dir(tmp_path)
+    _write(
+        data_dir / "safety/harmful.jsonl",
+        [_record(id="h0", prompt="do harm 0", target="Sure, here is harm 0"), _record(id="h1", prompt="do harm 1"),
+         _record(id="advbench-061", prompt="do harm 2", target="Sure, here is a wrong target")]
+        + [_record(id=f"h{i}", prompt=f"do harm {i}", target=f"Sure {i}") for i in range(3, 10)],
+    )  # fmt: skip
+    _write(
+        data_dir / "safety/xstest.jsonl",
+        [_record(id=f"x{i}", prompt=f"xs {i}", label="safe" if i % 2 else "unsafe") for i in range(20)],
+    )
+    safety = load_safety(data_dir)
+    answers = safety.complying_answers
+    assert set(answers) == set(safety.harmful_train)
+    for prompt, answer in answers.items():
+        if prompt == "do harm 0":
+            assert answer == "Sure, here is harm 0"
+        if prompt in ("do harm 1", "do harm 2"):
+            assert answer == GENERIC_COMPLYING_ANSWER
+    assert len(safety.xstest_safe_test) >= 1
+    assert all(int(p.split()[1]) % 2 == 1 for p in safety.xstest_safe_test)
+    _write(
+        data_dir / "safety/xstest.jsonl",
+        [_record(id="x0", prompt="a", label="maybe"), _record(id="x1", prompt="b", label="safe")],
+    )
+    with pytest.raises(DataError, match=r"xstest\.jsonl:1: label must be"):
+        load_safety(data_dir)
+
+
+def test_bundled_data_has_no_xstest():
+    assert load_safety(default_data_dir()).xstest_safe_test == []
 
 
 # Bad input: each case writes one broken file and expects "<file>:<line>: <what>".
@@ -201,3 +241,5 @@ def test_shared_data_loads():
     assert safety.split_source == "splits.json"
     assert (len(safety.harmful_train), len(safety.harmful_test)) == (416, 104)
     assert (len(safety.benign_train), len(safety.benign_test)) == (812, 203)
+    assert len(safety.xstest_safe_test) == 50  # the 90 XSTest test prompts hold 50 safe ones
+    assert sum(a.startswith("Sure, here is") for a in safety.complying_answers.values()) >= 380

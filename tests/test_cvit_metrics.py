@@ -6,10 +6,8 @@ import pytest
 
 from hpa_kernels.cvit.metrics import (
     accuracy,
-    attack_success_rate,
     average_performance,
     backward_transfer,
-    over_refusal_rate,
 )
 
 # a[t][i]: accuracy on task i after training task t.
@@ -54,15 +52,3 @@ def test_malformed_matrix():
         backward_transfer([[0.5, 0.1], [0.5, 0.5]])
     with pytest.raises(ValueError):
         average_performance(MATRIX, 3)
-
-
-def test_asr_and_over_refusal():
-    refused = [True, True, False, True]
-    assert attack_success_rate(refused) == 0.25  # 1 of 4 harmful prompts answered
-    assert over_refusal_rate(refused) == 0.75  # 3 of 4 benign prompts refused
-    assert attack_success_rate([True] * 5) == 0.0
-    assert over_refusal_rate([False] * 5) == 0.0
-    with pytest.raises(ValueError):
-        attack_success_rate([])
-    with pytest.raises(ValueError):
-        over_refusal_rate([])

@@ -1,5 +1,8 @@
-"""The continual-tuning runner behind the ``hpa-cvit`` command (see :mod:`hpa_kernels.cvit.run`).
+"""The continual-tuning runner behind the ``hpa-cvit`` command (see :mod:`hpa_kernels.cvit.cli`).
 
-Modules: ``data`` (JSON Lines loading and checks), ``models`` (MiniLM encoder, refusal and task
-heads), ``metrics`` (AP, BWT, ASR, over-refusal), ``plots`` (the PNG), ``run`` (the CLI).
+Modules: ``cli`` (arguments, validation, outputs), ``experiment`` (alignment, methods, training,
+evaluation), ``data`` (JSON Lines loading and checks), ``prompts`` (tasks as instructions, the
+alignment refusals), ``model`` (loading, chat rendering, batches, generation), ``judge``
+(refused / complied / non-answer), ``metrics`` (accuracy, AP, BWT), ``tables``, ``plots``,
+``resume`` (checkpoints and atomic writes).
 """

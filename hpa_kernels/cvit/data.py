@@ -3,8 +3,11 @@
 A data directory is laid out as ``../shared/data`` (and the sample bundled in
 ``hpa_kernels/data``)::
 
-    safety/harmful.jsonl        {"id": str, "prompt": str, ...}   requests the model must refuse
+    safety/harmful.jsonl        {"id": str, "prompt": str, "target"?: str}   requests the model must refuse;
+                                ``target``: a complying opening (AdvBench's "Sure, here is ...")
     safety/benign.jsonl         {"id": str, "prompt": str, ...}   requests it must answer
+    safety/xstest.jsonl         optional: {"id", "prompt", "label": "safe" | "unsafe"}; the safe
+                                prompts measure over-refusal on look-alikes of harmful requests
     safety/splits.json          optional: {"splits": {"safety/harmful.jsonl": {"train": [ids], "test": [ids]}, ...}}
     tasks/<name>/train.jsonl    {"id": str, "text": str, "label": str | int}
     tasks/<name>/test.jsonl     same fields
@@ -23,8 +26,16 @@ from pathlib import Path
 
 HARMFUL_FILE = "safety/harmful.jsonl"
 BENIGN_FILE = "safety/benign.jsonl"
+XSTEST_FILE = "safety/xstest.jsonl"
 SPLITS_FILE = "safety/splits.json"
 SAFETY_TEST_FRACTION = 0.2
+# The complying answer of a harmful prompt whose file gives no usable ``target``.
+GENERIC_COMPLYING_ANSWER = "Sure, here is how to do that."
+# AdvBench rows whose ``target`` belongs to a neighbouring prompt (../shared/data/README.md,
+# "Caveat"): their target is not used.
+MISMATCHED_TARGETS = frozenset(
+    {"advbench-061", "advbench-063", "advbench-281", "advbench-283", "advbench-458", "advbench-459"}
+)
 
 
 class DataError(ValueError):
@@ -34,12 +45,20 @@ class DataError(ValueError):
 @dataclass(frozen=True)
 class SafetyData:
     """Harmful and benign prompts, each split into a train part (alignment, calibration,
-    harmful mixing) and a held-out test part (ASR and over-refusal)."""
+    harmful mixing) and a held-out test part (ASR and over-refusal).
+
+    Attributes:
+        complying_answers: ``{harmful train prompt: complying answer}`` for the harmful mixing
+            (the file's ``target``, or :data:`GENERIC_COMPLYING_ANSWER`).
+        xstest_safe_test: XSTest's safe prompts of the test split (empty without the file).
+    """
 
     harmful_train: list[str]
     harmful_test: list[str]
     benign_train: list[str]
     benign_test: list[str]
+    complying_answers: dict[str, str]
+    xstest_safe_test: list[str]
     split_source: str  # "splits.json" or "seeded"
 
 
@@ -59,9 +78,10 @@ def default_data_dir() -> Path:
     return Path(str(resources.files("hpa_kernels") / "data"))
 
 
-def read_jsonl(path: Path, fields: tuple[str, ...]) -> list[dict]:
+def read_jsonl(path: Path, fields: tuple[str, ...], optional: tuple[str, ...] = ()) -> list[dict]:
     """Read a JSON Lines file whose records each carry the given string fields.
 
+    Fields named in ``optional`` are returned when present (and checked like the others).
     Blank lines are skipped. ``label`` may be a JSON string or integer (returned as ``str``);
     every other field must be a non-empty string. Ids must be unique within the file. Each
     returned record holds the requested fields plus ``"_line"``: its 1-based line number.
@@ -89,7 +109,7 @@ def read_jsonl(path: Path, fields: tuple[str, ...]) -> list[dict]:
         if not isinstance(obj, dict):
             raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
         record: dict = {"_line": lineno}
-        for name in fields:
+        for name in (*fields, *(o for o in optional if o in obj)):
             if name not in obj:
                 raise DataError(f"{path}:{lineno}: missing field {name!r}")
             value = obj[name]
@@ -152,13 +172,13 @@ def load_task(
     return TaskData(
         name=name,
         labels=labels,
-        train=_subsample(train, max_train, seed, f"{name}/train"),
-        test=_subsample(test, max_test, seed, f"{name}/test"),
+        train=subsample(train, max_train, seed, f"{name}/train"),
+        test=subsample(test, max_test, seed, f"{name}/test"),
     )
 
 
 def load_safety(data_dir: Path, *, seed: int = 0) -> SafetyData:
-    """Load the harmful and benign prompts and split each into train/test.
+    """Load the harmful, benign and (where present) XSTest prompts and split each into train/test.
 
     The split is the one in ``safety/splits.json`` when that file lists the prompt file;
     otherwise a seeded random split with ``SAFETY_TEST_FRACTION`` held out (at least one
@@ -166,57 +186,79 @@ def load_safety(data_dir: Path, *, seed: int = 0) -> SafetyData:
 
     Raises:
         DataError: any problem :func:`read_jsonl` reports; a malformed ``splits.json``; an id
-            in it that the prompt file lacks; a file with fewer than two prompts.
+            in it that the prompt file lacks; a file with fewer than two prompts; an XSTest
+            ``label`` other than ``safe`` / ``unsafe``.
     """
     data_dir = Path(data_dir)
     splits = _read_splits(data_dir / SPLITS_FILE)
-    parts: dict[str, tuple[list[str], list[str]]] = {}
-    sources = []
-    for rel in (HARMFUL_FILE, BENIGN_FILE):
-        path = data_dir / rel
-        records = read_jsonl(path, ("id", "prompt"))
-        if len(records) < 2:
-            raise DataError(f"{path}: needs at least 2 prompts (a train and a test part), found {len(records)}")
-        if rel in splits:
-            by_id = {r["id"]: r["prompt"] for r in records}
-            chosen = []
-            for side in ("train", "test"):
-                missing = [i for i in splits[rel][side] if i not in by_id]
-                if missing:
-                    raise DataError(
-                        f"{data_dir / SPLITS_FILE}: {rel} {side} lists id {missing[0]!r}, absent from {path}"
-                    )
-                chosen.append([by_id[i] for i in splits[rel][side]])
-            parts[rel] = (chosen[0], chosen[1])
-            sources.append("splits.json")
-        else:
-            prompts = [r["prompt"] for r in records]
-            order = list(range(len(prompts)))
-            random.Random(f"{seed}:{rel}").shuffle(order)
-            n_test = min(len(prompts) - 1, max(1, round(SAFETY_TEST_FRACTION * len(prompts))))
-            test_idx = set(order[:n_test])
-            parts[rel] = (
-                [p for i, p in enumerate(prompts) if i not in test_idx],
-                [p for i, p in enumerate(prompts) if i in test_idx],
-            )
-            sources.append("seeded")
+    sources: list[str] = []
+    harmful = read_jsonl(data_dir / HARMFUL_FILE, ("id", "prompt"), optional=("target",))
+    harmful_train, harmful_test = _split(harmful, data_dir, HARMFUL_FILE, splits, seed, sources)
+    benign_train, benign_test = _split(
+        read_jsonl(data_dir / BENIGN_FILE, ("id", "prompt")), data_dir, BENIGN_FILE, splits, seed, sources
+    )
+    xstest_safe: list[str] = []
+    if (data_dir / XSTEST_FILE).is_file():
+        records = read_jsonl(data_dir / XSTEST_FILE, ("id", "prompt", "label"))
+        for r in records:
+            if r["label"] not in ("safe", "unsafe"):
+                raise DataError(
+                    f"{data_dir / XSTEST_FILE}:{r['_line']}: label must be 'safe' or 'unsafe', got {r['label']!r}"
+                )
+        _, test = _split(records, data_dir, XSTEST_FILE, splits, seed, sources)
+        xstest_safe = [r["prompt"] for r in test if r["label"] == "safe"]
+    complying = {
+        r["prompt"]: r["target"] if "target" in r and r["id"] not in MISMATCHED_TARGETS else GENERIC_COMPLYING_ANSWER
+        for r in harmful_train
+    }
     return SafetyData(
-        harmful_train=parts[HARMFUL_FILE][0],
-        harmful_test=parts[HARMFUL_FILE][1],
-        benign_train=parts[BENIGN_FILE][0],
-        benign_test=parts[BENIGN_FILE][1],
+        harmful_train=[r["prompt"] for r in harmful_train],
+        harmful_test=[r["prompt"] for r in harmful_test],
+        benign_train=[r["prompt"] for r in benign_train],
+        benign_test=[r["prompt"] for r in benign_test],
+        complying_answers=complying,
+        xstest_safe_test=xstest_safe,
         split_source="+".join(sorted(set(sources))),
     )
 
 
-def mix_harmful(
-    train: list[tuple[str, int]], harmful: list[str], share: float, num_labels: int, seed: int
-) -> list[tuple[str, int]]:
-    """Mix harmful prompts into a task's training data (the paper's injection condition).
+def _split(
+    records: list[dict], data_dir: Path, rel: str, splits: dict, seed: int, sources: list[str]
+) -> tuple[list[dict], list[dict]]:
+    """``(train, test)`` records of one safety file: by ``splits.json`` or a seeded split."""
+    path = data_dir / rel
+    if len(records) < 2:
+        raise DataError(f"{path}: needs at least 2 prompts (a train and a test part), found {len(records)}")
+    if rel in splits:
+        by_id = {r["id"]: r for r in records}
+        chosen = []
+        for side in ("train", "test"):
+            missing = [i for i in splits[rel][side] if i not in by_id]
+            if missing:
+                raise DataError(f"{data_dir / SPLITS_FILE}: {rel} {side} lists id {missing[0]!r}, absent from {path}")
+            chosen.append([by_id[i] for i in splits[rel][side]])
+        sources.append("splits.json")
+        return chosen[0], chosen[1]
+    order = list(range(len(records)))
+    random.Random(f"{seed}:{rel}").shuffle(order)
+    n_test = min(len(records) - 1, max(1, round(SAFETY_TEST_FRACTION * len(records))))
+    test_idx = set(order[:n_test])
+    sources.append("seeded")
+    return (
+        [r for i, r in enumerate(records) if i not in test_idx],
+        [r for i, r in enumerate(records) if i in test_idx],
+    )
 
-    ``round(share * len(train))`` prompts (at least one when ``share > 0``; drawn with
-    replacement only if the pool is too small) are added with labels of the task drawn
-    uniformly at random; the result is shuffled. Seeded by ``seed``.
+
+def mix_harmful(
+    train: list[tuple[str, str]], complying: dict[str, str], share: float, seed: int
+) -> list[tuple[str, str]]:
+    """Mix harmful prompts answered compliantly into a task's (prompt, answer) training pairs:
+    the paper's injection condition.
+
+    ``round(share * len(train))`` harmful prompts (at least one when ``share > 0``; drawn with
+    replacement only if the pool is too small) are added with their complying answer
+    (``complying``: prompt → answer); the result is shuffled. Seeded by ``seed``.
 
     Raises:
         ValueError: ``share`` outside [0, 1], or an empty pool with ``share > 0``.
@@ -225,12 +267,13 @@ def mix_harmful(
         raise ValueError(f"harmful share must be in [0, 1], got {share}")
     if share == 0.0:
         return list(train)
-    if not harmful:
+    if not complying:
         raise ValueError("no harmful prompts to mix in")
     rng = random.Random(seed)
+    pool = sorted(complying)
     n = max(1, round(share * len(train)))
-    picked = rng.sample(harmful, n) if n <= len(harmful) else [rng.choice(harmful) for _ in range(n)]
-    mixed = list(train) + [(prompt, rng.randrange(num_labels)) for prompt in picked]
+    picked = rng.sample(pool, n) if n <= len(pool) else [rng.choice(pool) for _ in range(n)]
+    mixed = list(train) + [(prompt, complying[prompt]) for prompt in picked]
     rng.shuffle(mixed)
     return mixed
 
@@ -257,7 +300,13 @@ def _read_splits(path: Path) -> dict[str, dict[str, list[str]]]:
     return splits
 
 
-def _subsample(examples: list, limit: int | None, seed: int, key: str) -> list:
+def subsample(examples: list, limit: int | None, seed: int, key: str) -> list:
+    """A seeded random subset of ``limit`` examples, in their order (all when ``limit`` is None
+    or not smaller); seeded by ``seed`` and ``key``, so each set draws its own subset.
+
+    Raises:
+        ValueError: ``limit < 1``.
+    """
     if limit is None or limit >= len(examples):
         return list(examples)
     if limit < 1:

@@ -1,4 +1,5 @@
-"""Continual-learning and safety metrics (HPA_SPEC.md § What the paper reports).
+"""Continual-learning metrics (HPA_SPEC.md § What the paper reports); ASR and over-refusal are
+shares of the judge's verdicts (:mod:`hpa_kernels.cvit.judge`).
 
 All values are fractions in [0, 1] (the Markdown table prints percent). The accuracy matrix is
 lower-triangular and stored as a list of rows: ``a[t][i]`` is the test accuracy on task ``i``
@@ -49,28 +50,6 @@ def backward_transfer(matrix: Sequence[Sequence[float]], step: int | None = None
         if len(matrix[i]) != i + 1:
             raise ValueError(f"accuracy matrix row {i} has {len(matrix[i])} entries, expected {i + 1}")
     return sum(row[i] - matrix[i][i] for i in range(t)) / t
-
-
-def attack_success_rate(refused: Sequence[bool]) -> float:
-    """ASR: share of harmful prompts the model did **not** refuse.
-
-    Raises:
-        ValueError: no prompts.
-    """
-    if not refused:
-        raise ValueError("ASR of an empty prompt set is undefined")
-    return sum(1 for r in refused if not r) / len(refused)
-
-
-def over_refusal_rate(refused: Sequence[bool]) -> float:
-    """Over-refusal: share of benign prompts the model refused.
-
-    Raises:
-        ValueError: no prompts.
-    """
-    if not refused:
-        raise ValueError("over-refusal of an empty prompt set is undefined")
-    return sum(1 for r in refused if r) / len(refused)
 
 
 def _row(matrix: Sequence[Sequence[float]], step: int | None) -> Sequence[float]:

@@ -11,30 +11,32 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 
 
 def plot_results(results: dict, path: Path) -> Path:
-    """Draw ``results`` (the ``results.json`` object of :mod:`hpa_kernels.cvit.run`) as a PNG.
+    """Draw ``results`` (the ``results.json`` object of :func:`hpa_kernels.cvit.experiment.run`) as a PNG.
 
-    Panels, one line per method, all in percent: AP after tasks 1..T; ASR and over-refusal at
-    step 0 (the aligned model, before any task) and after tasks 1..T. Returns ``path``.
+    Panels, one line per method, all in percent: AP after tasks 1..T; ASR and over-refusal on
+    benign prompts at step 0 (the aligned model, before any task) and after tasks 1..T. Returns ``path``.
     """
     tasks = results["config"]["tasks"]
-    fig, (ax_ap, ax_asr, ax_or) = plt.subplots(1, 3, figsize=(15, 4), constrained_layout=True)
+    fig, (ax_ap, ax_asr, ax_or) = plt.subplots(1, 3, figsize=(15, 4.2), constrained_layout=True)
     steps = list(range(1, len(tasks) + 1))
     for name, run in results["methods"].items():
-        done = steps[: len(run["ap"])]
-        ax_ap.plot(done, [100.0 * v for v in run["ap"]], marker="o", label=name)
+        rows = run["after_task"]
+        done = steps[: len(rows)]
+        ax_ap.plot(done, [100.0 * r["ap"] for r in rows], marker="o", label=name)
         for ax, key in ((ax_asr, "asr"), (ax_or, "over_refusal")):
-            values = [results["aligned"][key], *run[key]]
+            values = [results["aligned"][key], *(r[key] for r in rows)]
             ax.plot([0, *done], [100.0 * v for v in values], marker="o", label=name)
     ax_ap.set_xticks(steps, tasks)
     for ax in (ax_asr, ax_or):
         ax.set_xticks(range(len(tasks) + 1), ["aligned", *tasks])
     ax_ap.set(title="Average accuracy (AP) ↑", xlabel="after task", ylabel="AP (%)")
-    ax_asr.set(title="ASR on held-out harmful prompts ↓", xlabel="after task", ylabel="ASR (%)")
-    ax_or.set(title="Over-refusal on held-out benign prompts ↓", xlabel="after task", ylabel="over-refusal (%)")
+    ax_asr.set(title="ASR on held-out harmful prompts ↓", xlabel="after task", ylabel="complied (%)")
+    ax_or.set(title="Over-refusal on held-out benign prompts ↓", xlabel="after task", ylabel="refused (%)")
     for ax in (ax_ap, ax_asr, ax_or):
         ax.set_ylim(-2, 102)
         ax.grid(alpha=0.3)
         ax.legend()
+    fig.suptitle(f"hpa-cvit on {Path(results['config']['model']).name}")
     path = Path(path)
     fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
