@@ -7,6 +7,7 @@ import json
 import pytest
 
 from hpa_kernels.cvit import cli
+from hpa_kernels.cvit.resume import Checkpoints
 
 
 def run_main(argv, capsys) -> tuple[int, str]:
@@ -64,6 +65,16 @@ def test_a_model_that_is_not_a_causal_lm_is_named(tmp_path, capsys):
     code, err = run_main(["--model", str(tmp_path / "nothing"), "--out", str(tmp_path / "out")], capsys)
     assert code == 2 and "no such file or folder" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_resume_with_other_arguments_is_a_clean_error(tmp_path, capsys):
+    out = tmp_path / "out"
+    saved = cli.build_parser().parse_args(["--steps", "2", "--out", str(out)])
+    saved.argv = []
+    Checkpoints(out, saved)  # what a run with --steps 2 leaves behind
+    code, err = run_main(["--steps", "3", "--out", str(out), "--resume"], capsys)
+    assert code == 2 and "Traceback" not in err
+    assert "hpa-cvit: error: --resume:" in err and "--steps 2 then, 3 now" in err
 
 
 def test_resume_without_checkpoint_is_a_clean_error(tmp_path, capsys):

@@ -89,12 +89,3 @@ def test_resume_gives_the_numbers_of_an_uninterrupted_run(runs):
     whole = json.loads((runs["whole"][0] / "results.json").read_text())
     resumed = json.loads((out / "results.json").read_text())
     assert numbers(resumed) == numbers(whole)
-
-
-def test_resume_with_other_arguments_is_a_clean_error(tmp_path):
-    out = tmp_path / "out"
-    assert run_cli(*TINY, "--out", str(out), "--stop-after-task", "0").returncode == 3
-    steps = TINY.index("--steps") + 1
-    proc = run_cli(*TINY[:steps], "3", *TINY[steps + 1 :], "--out", str(out), "--resume")
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "hpa-cvit: error: --resume:" in proc.stderr and "--steps 2 then, 3 now" in proc.stderr
