@@ -37,27 +37,50 @@ Tiling tile(int64_t r, int64_t c) {
 
 // ---- Vectorised inner loops, each instantiated for AVX2 and the baseline ISA (hpa/isa.h).
 
-// Reduce: columns [j0, j0 + w) of one row, widened to double (exact): xe = d², xp = d·w, xq = w².
+// Reduce: columns [j0, j0 + w) of one row, widened to double (exact): d², d·w, w², each added to
+// the matching `add` level (kAdd) or not, into `out`.
 constexpr int64_t kReduceSpan = 64;  // columns per reduce task
 
-template <int D, bool kUnit>
+struct Triple {
+  double* e;
+  double* p;
+  double* q;
+};
+
+template <int D, bool kUnit, bool kAdd>
 HPA_ALWAYS_INLINE void reduce_terms(const typename Storage<D>::Raw* __restrict pr,
                                     const typename Storage<D>::Raw* __restrict nr, int64_t ps1, int64_t ns1,
-                                    int64_t w, double* __restrict xe, double* __restrict xp,
-                                    double* __restrict xq) {
+                                    int64_t w, Triple add, Triple out) {
   using S = Storage<D>;
+  const double* __restrict ae = add.e;
+  const double* __restrict ap = add.p;
+  const double* __restrict aq = add.q;
+  double* __restrict oe = out.e;
+  double* __restrict op = out.p;
+  double* __restrict oq = out.q;
 #pragma omp simd
   for (int64_t j = 0; j < w; ++j) {
     const double p = static_cast<double>(S::load(pr[kUnit ? j : j * ps1]));
     const double d = static_cast<double>(S::load(nr[kUnit ? j : j * ns1])) - p;
-    xe[j] = d * d;
-    xp[j] = d * p;
-    xq[j] = p * p;
+    oe[j] = kAdd ? ae[j] + d * d : d * d;
+    op[j] = kAdd ? ap[j] + d * p : d * p;
+    oq[j] = kAdd ? aq[j] + p * p : p * p;
+  }
+}
+
+// out = add + x, elementwise over the three quantities (out may be x).
+HPA_ALWAYS_INLINE void add_levels(int64_t w, Triple add, Triple x, Triple out) {
+#pragma omp simd
+  for (int64_t j = 0; j < w; ++j) {
+    out.e[j] = add.e[j] + x.e[j];
+    out.p[j] = add.p[j] + x.p[j];
+    out.q[j] = add.q[j] + x.q[j];
   }
 }
 
 // One reduce task: columns [j0, j0 + w) over all r rows, in the order of hpa/common.h. Block sums
-// by a vectorised binary counter (level l of st* holds a sum of 2^l rows), added in block order.
+// by a vectorised binary counter (level l holds a sum of 2^l rows, row i merges its trailing-one
+// levels into level ctz(~i)), added in block order.
 template <int D, bool kUnit>
 void reduce_columns(int64_t r, int64_t j0, int64_t w, Mat prev, Mat next, double* E, double* P, double* Q) {
   using Raw = typename Storage<D>::Raw;
@@ -65,44 +88,36 @@ void reduce_columns(int64_t r, int64_t j0, int64_t w, Mat prev, Mat next, double
   alignas(64) double ste[kLevels][kReduceSpan], stp[kLevels][kReduceSpan], stq[kLevels][kReduceSpan];
   alignas(64) double xe[kReduceSpan], xp[kReduceSpan], xq[kReduceSpan];
   alignas(64) double te[kReduceSpan] = {}, tp[kReduceSpan] = {}, tq[kReduceSpan] = {};
+  const Triple x{xe, xp, xq};
+  auto level = [&](int l) { return Triple{ste[l], stp[l], stq[l]}; };
   const Raw* P0 = reinterpret_cast<const Raw*>(prev.ptr) + j0 * prev.stride1;
   const Raw* N0 = reinterpret_cast<const Raw*>(next.ptr) + j0 * next.stride1;
   for (int64_t b0 = 0; b0 < r; b0 += kRowBlock) {
     const int64_t n = std::min<int64_t>(kRowBlock, r - b0);
     for (int64_t i = 0; i < n; ++i) {
-      const int64_t row = b0 + i;
-      reduce_terms<D, kUnit>(P0 + row * prev.stride0, N0 + row * next.stride0, prev.stride1, next.stride1, w, xe,
-                             xp, xq);
+      const Raw* pr = P0 + (b0 + i) * prev.stride0;
+      const Raw* nr = N0 + (b0 + i) * next.stride0;
       const int merges = __builtin_ctzll(~static_cast<uint64_t>(i));
-      for (int l = 0; l < merges; ++l) {
-#pragma omp simd
-        for (int64_t j = 0; j < w; ++j) {
-          xe[j] = ste[l][j] + xe[j];
-          xp[j] = stp[l][j] + xp[j];
-          xq[j] = stq[l][j] + xq[j];
-        }
+      if (merges == 0) {
+        reduce_terms<D, kUnit, false>(pr, nr, prev.stride1, next.stride1, w, x, level(0));
+        continue;
       }
-      std::memcpy(ste[merges], xe, sizeof(double) * w);
-      std::memcpy(stp[merges], xp, sizeof(double) * w);
-      std::memcpy(stq[merges], xq, sizeof(double) * w);
+      reduce_terms<D, kUnit, true>(pr, nr, prev.stride1, next.stride1, w, level(0), merges == 1 ? level(1) : x);
+      for (int l = 1; l < merges; ++l) add_levels(w, level(l), x, l + 1 == merges ? level(merges) : x);
     }
     bool any = false;  // the block's tree total: levels of n's set bits, lowest first
     for (int l = 0; l < kLevels; ++l) {
       if (!((n >> l) & 1)) continue;
-#pragma omp simd
-      for (int64_t j = 0; j < w; ++j) {
-        xe[j] = any ? ste[l][j] + xe[j] : ste[l][j];
-        xp[j] = any ? stp[l][j] + xp[j] : stp[l][j];
-        xq[j] = any ? stq[l][j] + xq[j] : stq[l][j];
+      if (any) {
+        add_levels(w, level(l), x, x);
+      } else {
+        std::memcpy(xe, ste[l], sizeof(double) * w);
+        std::memcpy(xp, stp[l], sizeof(double) * w);
+        std::memcpy(xq, stq[l], sizeof(double) * w);
       }
       any = true;
     }
-#pragma omp simd
-    for (int64_t j = 0; j < w; ++j) {
-      te[j] += xe[j];
-      tp[j] += xp[j];
-      tq[j] += xq[j];
-    }
+    add_levels(w, Triple{te, tp, tq}, x, Triple{te, tp, tq});
   }
   std::memcpy(E + j0, te, sizeof(double) * w);
   std::memcpy(P + j0, tp, sizeof(double) * w);
