@@ -5,9 +5,21 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from hpa_kernels.cvit import cli
 from hpa_kernels.cvit.resume import Checkpoints
+
+
+@pytest.fixture(autouse=True)
+def _keep_environment(monkeypatch):
+    """cli.main sets MKL_CBWR, torch's thread count and deterministic mode for its own process;
+    none of it may leak into later tests (a thread count changes their float bits)."""
+    monkeypatch.delenv("MKL_CBWR", raising=False)
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic)
 
 
 def run_main(argv, capsys) -> tuple[int, str]:
