@@ -42,6 +42,8 @@ _ADAMW_GROUP_KEYS = {
 }
 # Per-parameter state of the shape of the parameter (checked when a state dict is loaded).
 _PARAM_SHAPED_STATE = ("exp_avg", "exp_avg_sq", "hpa_prev", "master_param")
+# Per-parameter state with one entry per HPA column (the layer's input features).
+_COLUMN_STATE = ("hpa_hinv_safety", "hpa_mask", "hpa_col_energy")
 
 
 def _check_param_dtype(p: Tensor, label: str) -> None:
@@ -213,11 +215,30 @@ class HPAOptimizer(Optimizer):
 
     @classmethod
     def from_model(cls, model: nn.Module, *, hpa: HPAConfig | None = None, **kwargs: Any) -> HPAOptimizer:
-        """An HPAOptimizer over ``model``'s trainable parameters, managing its block ``nn.Linear`` layers.
+        """An HPAOptimizer over ``model``'s trainable parameters, managing the linear layers of its
+        language model's repeated blocks.
 
-        Managed layers: see :func:`hpa_kernels.layers.find_hpa_layers` (every ``nn.Linear`` inside
-        the repeated blocks, plus ``hpa.extra_layers``). Every other trainable parameter gets plain
-        AdamW steps and is never edited.
+        Managed layers (:func:`hpa_kernels.layers.find_hpa_layers`), the same rule for every family:
+
+        * by default, every linear layer (``nn.Linear``, GPT-2's ``Conv1D``) inside the repeated
+          blocks of the **language model** — a decoder-only or encoder-only model, both stacks of an
+          encoder-decoder, the text decoder of a multimodal model — with the depth l of L counted
+          within its own stack (``retention_schedule``);
+        * the vision tower, the projector, the heads and any other linear layer only on request:
+          ``hpa.include`` (``fnmatch`` patterns, e.g. ``"*vision_tower*"``; tower blocks keep their
+          own stack's depth) or ``hpa.extra_layers`` (exact names); ``hpa.exclude`` patterns remove
+          layers and win over every other rule;
+        * frozen layers (``requires_grad=False``) are skipped, with a warning, unless named in
+          ``include`` / ``extra_layers``: a named frozen layer joins the optimizer without gradients
+          (never stepped, edited at ``end_task``);
+        * a ``Conv1D`` (weight stored (in_features, out_features)) is handled by its input
+          features: HPA's columns are always the layer's inputs, so its edit is the edit of the
+          equivalent ``nn.Linear``;
+        * weights that are not linear layers (fused 3-D MoE expert weights, routers, convolutions)
+          are never managed; when the language model's blocks hold some, a warning names them.
+          A model where nothing is managed warns with the reason.
+
+        Every other trainable parameter gets plain AdamW steps and is never edited.
 
         Args:
             model: the model.
@@ -227,23 +248,18 @@ class HPAOptimizer(Optimizer):
 
         PEFT LoRA models: the managed layer is each wrapper's ``base_layer``; its frozen weight
         joins the optimizer without gradients (edited at ``end_task``, never stepped) and the
-        adapters are trained (:mod:`hpa_kernels.adapters`). Frozen layers without an adapter are
-        left out (their update is zero, so is their edit).
+        adapters are trained (:mod:`hpa_kernels.adapters`). Layers PEFT froze without an adapter
+        are skipped (their update is zero, so is their edit) unless named.
 
         Raises:
-            ValueError: as :func:`find_hpa_layers`, a managed layer whose weight is frozen (outside a
-                LoRA wrapper), or a wrapper that is not plain PEFT LoRA (DoRA, LoRA bias, other tuners).
+            ValueError: as :func:`find_hpa_layers`, or a wrapper that is not plain PEFT LoRA (DoRA,
+                LoRA bias, other tuners).
         """
         hpa = hpa if hpa is not None else HPAConfig()
-        layers = find_hpa_layers(model, hpa)
-        if any(layer.adapter is not None for layer in layers.values()):
-            # PEFT freezes every layer without an adapter: it cannot change, its edit is the identity.
-            layers = {n: lay for n, lay in layers.items() if lay.adapter is not None or lay.module.weight.requires_grad}
+        layers = find_hpa_layers(model, hpa)  # frozen layers are there only when named (or LoRA bases)
         for name, layer in layers.items():
             if layer.adapter is not None:
                 adapters.check_adapter(layer.adapter, name)
-            elif not layer.module.weight.requires_grad:
-                raise ValueError(f"HPAOptimizer.from_model: managed layer {name!r} has a frozen weight")
         params = [p for p in model.parameters() if p.requires_grad]
         params += [layer.module.weight for layer in layers.values() if not layer.module.weight.requires_grad]
         names = {id(p): name for name, p in model.named_parameters()}
@@ -375,21 +391,24 @@ class HPAOptimizer(Optimizer):
         self._edited = {name: LayerReport(**report) for name, report in lifecycle.get("edited", {}).items()}
 
     def _check_saved_state(self, saved: Mapping[Any, Mapping[str, Any]], by_id: Mapping[Any, Tensor]) -> None:
+        # The per-column state of a managed layer is (in_features,), whatever its storage layout (Conv1D).
+        columns_of = {id(layer.module.weight): (layer.in_features,) for layer in self.hpa_layers.values()}
         for saved_id, saved_state in saved.items():
             param = by_id.get(saved_id)
             if param is None:
                 continue
             label = self._param_names.get(id(param), f"parameter {saved_id}")
+            columns = columns_of.get(id(param), tuple(param.shape[1:]))
             for key, value in saved_state.items():
                 if key in _PARAM_SHAPED_STATE and isinstance(value, Tensor) and value.shape != param.shape:
                     raise ValueError(
                         f"HPAOptimizer.load_state_dict: state {key!r} of {label!r} has shape {tuple(value.shape)}, "
                         f"the parameter {tuple(param.shape)} (a state dict of another model?)"
                     )
-                if key == "hpa_hinv_safety" and isinstance(value, Tensor) and value.shape != param.shape[1:]:
+                if key in _COLUMN_STATE and isinstance(value, Tensor) and value.shape != columns:
                     raise ValueError(
                         f"HPAOptimizer.load_state_dict: state {key!r} of {label!r} has shape {tuple(value.shape)}, "
-                        f"expected {tuple(param.shape[1:])}"
+                        f"expected {columns}"
                     )
 
     @property
@@ -582,7 +601,7 @@ class HPAOptimizer(Optimizer):
         for layer in self.hpa_layers.values():
             weight = layer.module.weight
             state = self.state[weight]
-            rows, columns = weight.shape
+            rows, columns = weight.shape  # online mode refuses transposed (Conv1D) layers
             eps_bar = state["hpa_col_energy"] / (max(rows, 1) * state["hpa_hinv_safety"])
             mask = torch.zeros(columns, dtype=torch.bool, device=eps_bar.device)
             mask[top_columns(eps_bar, count_columns(layer.retain_ratio, columns))] = True
@@ -609,7 +628,7 @@ class HPAOptimizer(Optimizer):
             if name not in hessians:
                 raise ValueError(f"HPAOptimizer: {kind} has no entry for managed layer {name!r}")
             vec = hessians[name]
-            columns = layer.module.in_features
+            columns = layer.in_features
             if not isinstance(vec, Tensor) or vec.shape != (columns,):
                 shape = tuple(vec.shape) if isinstance(vec, Tensor) else type(vec).__name__
                 raise ValueError(f"HPAOptimizer: {kind}[{name!r}] must be a ({columns},) tensor, got {shape}")
@@ -637,7 +656,8 @@ class HPAOptimizer(Optimizer):
         Raises:
             RuntimeError: a task is already open.
             ValueError: a missing layer, a wrong length, NaN/Inf or non-positive entries, a
-                non-finite weight, or online mode on a LoRA or sharded layer. Nothing is stored
+                non-finite weight, a sharded (DTensor) ``Conv1D``, or online mode on a LoRA,
+                sharded or ``Conv1D`` (transposed) layer, naming the layer. Nothing is stored
                 when it raises.
         """
         if self._in_task:
@@ -645,11 +665,25 @@ class HPAOptimizer(Optimizer):
         if self.hpa.enabled:
             checked = self._check_statistics("safety_hessians", safety_hessians)
             self._check_weights_finite()
-            for name, layer in self.hpa_layers.items() if self.hpa.online else ():
+            for name, layer in self.hpa_layers.items():
+                if layer.transposed and distributed.is_sharded(layer.module.weight):
+                    raise ValueError(
+                        f"HPAOptimizer.begin_task: {name!r} is a sharded (DTensor) {type(layer.module).__name__} "
+                        "(weight stored (in_features, out_features)); sharding it by storage rows splits HPA's "
+                        "columns (its input features), which the sharded edit does not support"
+                    )
+                if not self.hpa.online:
+                    continue
                 if layer.adapter is not None or distributed.is_sharded(layer.module.weight):
                     raise ValueError(
                         f"HPAOptimizer.begin_task: online mode supports neither LoRA adapters nor sharded (DTensor) "
                         f"weights, and {name!r} is one; use HPAConfig(online=False)"
+                    )
+                if layer.transposed:
+                    raise ValueError(
+                        f"HPAOptimizer.begin_task: online mode does not support {name!r}, a "
+                        f"{type(layer.module).__name__} whose weight is stored (in_features, out_features) "
+                        "(GPT-2 Conv1D); use HPAConfig(online=False), whose end_task edits it"
                     )
             for name, layer in self.hpa_layers.items():
                 weight = layer.module.weight
@@ -660,8 +694,9 @@ class HPAOptimizer(Optimizer):
                     state["hpa_prev"] = self._working_weight(weight).clone(memory_format=torch.contiguous_format)
                 state["hpa_hinv_safety"] = checked[name].detach().to(device=weight.device, dtype=torch.float32).clone()
                 if self.hpa.online:  # online mode: no column retained until the first refresh
-                    state["hpa_mask"] = torch.zeros(weight.shape[1], dtype=torch.bool, device=weight.device)
-                    state["hpa_col_energy"] = torch.zeros(weight.shape[1], dtype=torch.float32, device=weight.device)
+                    columns = layer.in_features
+                    state["hpa_mask"] = torch.zeros(columns, dtype=torch.bool, device=weight.device)
+                    state["hpa_col_energy"] = torch.zeros(columns, dtype=torch.float32, device=weight.device)
         self._online_steps = 0
         self._in_task = True
 
@@ -716,8 +751,8 @@ class HPAOptimizer(Optimizer):
         new_weights = {name: self._task_weight(layer) for name, layer in todo.items()}
         sharded = {  # FSDP2 / DTensor weights: one all-reduce of the column sums (hpa_kernels.distributed)
             name: (
-                self._snapshot(layer.module.weight),
-                new_weights[name],
+                layer.hpa_view(self._snapshot(layer.module.weight)),
+                layer.hpa_view(new_weights[name]),
                 self.state[layer.module.weight]["hpa_hinv_safety"],
                 checked[name],
                 layer.retain_ratio,
@@ -744,9 +779,9 @@ class HPAOptimizer(Optimizer):
                 continue
             weight = layer.module.weight
             try:
-                plans[name] = plan_layer_update(
-                    self._snapshot(weight),
-                    new_weights[name],
+                plans[name] = plan_layer_update(  # on the (out, in) view: columns = input features
+                    layer.hpa_view(self._snapshot(weight)),
+                    layer.hpa_view(new_weights[name]),
                     self.state[weight]["hpa_hinv_safety"],
                     checked[name].to(device=weight.device, dtype=torch.float32),
                     layer.retain_ratio,
@@ -803,17 +838,18 @@ class HPAOptimizer(Optimizer):
             param = layer.module.weight
             working = self._working_weight(param)
             try:
+                # Ŵ in the (out, in) view (columns = input features), written back through the view.
                 edited_weight = ops.hpa_apply(
-                    distributed.local_tensor(self._snapshot(param)),
-                    distributed.local_tensor(new_weights[name]),  # a rank's own rows
+                    layer.hpa_view(distributed.local_tensor(self._snapshot(param))),
+                    layer.hpa_view(distributed.local_tensor(new_weights[name])),  # a rank's own rows
                     plan.mask,
                     plan.coef,
                     backend=self.backend,
                 )
                 rounded = None if working.dtype == param.dtype else edited_weight.to(param.dtype)
-                distributed.local_tensor(working).copy_(edited_weight)
+                layer.hpa_view(distributed.local_tensor(working)).copy_(edited_weight)
                 if rounded is not None:  # master weights: the parameter is the rounding of Ŵ
-                    distributed.local_tensor(param.detach()).copy_(rounded)
+                    layer.hpa_view(distributed.local_tensor(param.detach())).copy_(rounded)
                 if layer.adapter is not None:  # PEFT LoRA: fresh adapters, their moments dropped
                     for adapter_param in adapters.reset_adapters(layer.adapter):
                         self.state.pop(adapter_param, None)
@@ -833,6 +869,6 @@ class HPAOptimizer(Optimizer):
                 num_task=plan.num_task,
                 num_shared=plan.num_shared,
                 num_retained=plan.num_retained,
-                num_columns=layer.module.in_features,
+                num_columns=layer.in_features,
                 coef=plan.coef,
             )

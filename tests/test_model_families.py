@@ -38,10 +38,6 @@ TEXT = {
     "max_position_embeddings": 64,
     "pad_token_id": 0,
 }
-CONV1D_NOTE = (
-    "optim.py edits module.weight as (out, in); a Conv1D needs ManagedLayer.hpa_view there "
-    "(the change is described in the issue 11 report)"
-)
 
 
 def _tokens(generator: torch.Generator, low: int = 1, high: int = 56) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,7 +184,6 @@ FAMILIES = {
         _family("GPT2LMHeadModel", "GPT2Config", {"vocab_size": VOCAB, "n_embd": 16, "n_layer": 3, "n_head": 2}),
         text_batch,
         {"transformer.h": ("language", 3, 3 * 4)},  # Conv1D: c_attn, attn.c_proj, c_fc, mlp.c_proj
-        marks=(pytest.mark.xfail(reason=CONV1D_NOTE, strict=True),),
     ),
     "bert": Family(
         _family(
@@ -503,7 +498,6 @@ def test_conv1d_calibration_equals_the_linear_one() -> None:
         torch.testing.assert_close(hinvs[0][n], hinvs[1][n], rtol=1e-5, atol=1e-6, msg=n)
 
 
-@pytest.mark.xfail(reason=CONV1D_NOTE, strict=True)
 def test_conv1d_edit_equals_the_linear_edit() -> None:
     """The end-of-task edit of GPT-2's Conv1D layers is the edit of the equivalent nn.Linear layers."""
     model = _model("gpt2")
@@ -528,6 +522,115 @@ def test_conv1d_edit_equals_the_linear_edit() -> None:
     for n, layer in optimizers[0].hpa_layers.items():
         twin_layer = optimizers[1].hpa_layers[n]
         torch.testing.assert_close(layer.module.weight.T, twin_layer.module.weight, rtol=0, atol=1e-6, msg=n)
+
+
+def _quiet_from_model(model: nn.Module, **kwargs) -> HPAOptimizer:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return HPAOptimizer.from_model(model, **kwargs)
+
+
+def _state_index(optimizer: HPAOptimizer, name: str) -> int:
+    """The key of managed layer ``name``'s weight in ``optimizer.state_dict()["state"]``."""
+    weight = optimizer.hpa_layers[name].module.weight
+    return next(i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"]) if p is weight)
+
+
+@pytest.mark.parametrize("master_weights", [False, True], ids=["fp32", "bf16-master"])
+def test_conv1d_task_with_steps_and_a_saved_state_equals_the_linear_one(master_weights: bool) -> None:
+    """AdamW steps, a state dict saved mid-task and loaded into a fresh optimizer, then end_task on
+    the default backend: GPT-2's Conv1D layers end bit-equal to the equivalent nn.Linear layers,
+    with the same reports (bf16 parameters: the edit acts on the fp32 master copy, the parameter
+    receives its rounding)."""
+    dtype = torch.bfloat16 if master_weights else torch.float32
+    model = _model("gpt2")
+    twin = _as_linear(model).to(dtype)
+    model.to(dtype)
+    kwargs = {"lr": 1e-2, "weight_decay": 0.1, "master_weights": master_weights}
+    optimizers = [_quiet_from_model(m, **kwargs) for m in (model, twin)]
+    layers = optimizers[0].hpa_layers
+    generator = torch.Generator().manual_seed(12)
+    hinv = {n: torch.rand(layer.in_features, generator=generator) + 0.5 for n, layer in layers.items()}
+    grads = [
+        {n: torch.randn(layer.hpa_view(layer.module.weight).shape, generator=generator) for n, layer in layers.items()}
+        for _ in range(3)
+    ]
+    results = []
+    for m, optimizer in zip((model, twin), optimizers):
+        optimizer.begin_task(hinv)
+        for step_grads in grads:
+            optimizer.zero_grad()
+            for n, layer in optimizer.hpa_layers.items():  # the same (out, in) gradient in both layouts
+                grad = step_grads[n].T if layer.transposed else step_grads[n]
+                layer.module.weight.grad = grad.to(dtype).contiguous()
+            optimizer.step()
+        saved = copy.deepcopy(optimizer.state_dict())
+        assert saved["state"][_state_index(optimizer, "transformer.h.0.attn.c_attn")]["hpa_hinv_safety"].shape == (16,)
+        resumed = _quiet_from_model(m, **kwargs)
+        resumed.load_state_dict(saved)
+        results.append(resumed.end_task({n: 2 * h for n, h in hinv.items()}))
+    assert sum(report.num_retained for report in results[0].values()) > 0
+    for n, layer in layers.items():
+        assert layer.transposed and not optimizers[1].hpa_layers[n].transposed
+        assert results[0][n] == results[1][n], n
+        assert torch.equal(layer.module.weight.T, optimizers[1].hpa_layers[n].module.weight), n
+
+
+def test_conv1d_saved_state_is_checked_by_input_features() -> None:
+    """A snapshot's safety statistics of a Conv1D are (in_features,): c_attn's (16,), not its (48,)
+    output features; a state dict holding the wrong length is refused, naming the layer."""
+    model = _model("gpt2")
+    optimizer = _quiet_from_model(model)
+    optimizer.begin_task({n: torch.ones(layer.in_features) for n, layer in optimizer.hpa_layers.items()})
+    saved = copy.deepcopy(optimizer.state_dict())
+    param_index = _state_index(optimizer, "transformer.h.0.attn.c_attn")
+    assert saved["state"][param_index]["hpa_hinv_safety"].shape == (16,)
+    saved["state"][param_index]["hpa_hinv_safety"] = torch.ones(48)
+    with pytest.raises(ValueError, match=r"hpa_hinv_safety.*transformer\.h\.0\.attn\.c_attn.*expected \(16,\)"):
+        _quiet_from_model(model).load_state_dict(saved)
+
+
+def test_conv1d_online_mode_and_sharding_are_refused_naming_the_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The online step works on (out, in) row-major weights: begin_task refuses a Conv1D in online
+    mode, and a sharded (DTensor) Conv1D in any mode, before storing anything."""
+    from hpa_kernels import distributed
+
+    model = _model("gpt2")
+    online = _quiet_from_model(model, hpa=HPAConfig(online=True, refresh_every=2))
+    hinv = {n: torch.ones(layer.in_features) for n, layer in online.hpa_layers.items()}
+    with pytest.raises(ValueError, match=r"online mode does not support 'transformer\.h\.0\.attn\.c_attn'.*Conv1D"):
+        online.begin_task(hinv)
+    assert not online.in_task and not any("hpa_prev" in state for state in online.state.values())
+    offline = _quiet_from_model(model)
+    c_fc = offline.hpa_layers["transformer.h.1.mlp.c_fc"].module.weight
+    monkeypatch.setattr(distributed, "is_sharded", lambda tensor: tensor is c_fc)
+    with pytest.raises(ValueError, match=r"'transformer\.h\.1\.mlp\.c_fc' is a sharded \(DTensor\) Conv1D"):
+        offline.begin_task(hinv)
+    assert not offline.in_task and not any("hpa_prev" in state for state in offline.state.values())
+
+
+def test_a_named_frozen_layer_is_managed_by_from_model() -> None:
+    """A frozen vision tower named in include: from_model manages its layers (not refused), their
+    weights join the optimizer without gradients, and their edit leaves them as they were."""
+    model = _model("llava")
+    model.model.vision_tower.requires_grad_(False)
+    optimizer = _quiet_from_model(
+        model, lr=2e-2, backend="torch", hpa=HPAConfig(include=("*vision_tower.encoder.layers.1.mlp.*",))
+    )
+    named = [n for n, layer in optimizer.hpa_layers.items() if layer.part == "vision"]
+    assert named == ["model.vision_tower.encoder.layers.1.mlp.fc1", "model.vision_tower.encoder.layers.1.mlp.fc2"]
+    before = {n: optimizer.hpa_layers[n].module.weight.detach().clone() for n in named}
+    optimizer.begin_task(calibrate(model, optimizer, _batches("llava", 1, seed=13)))
+    model.train()
+    for batch in _batches("llava", 2, seed=14):
+        optimizer.zero_grad()
+        model(**batch).loss.backward()
+        optimizer.step()
+    reports = optimizer.end_task(calibrate(model, optimizer, _batches("llava", 1, seed=15)))
+    assert set(reports) == set(optimizer.hpa_layers)
+    for n in named:
+        assert torch.equal(optimizer.hpa_layers[n].module.weight, before[n]), n
+        assert reports[n].coef == 0.0
 
 
 def test_mixtral_experts_are_named_in_a_warning_and_left_alone() -> None:
