@@ -70,7 +70,8 @@ def test_outputs(runs):
     markdown = (out / "results.md").read_text()
     assert "| seqft |" in markdown and "| hpa |" in markdown and "ASR ↓" in markdown and "| aligned model" in markdown
     assert "| seqft |" in proc.stdout  # the table is printed too
-    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for plot in ("results.png", "frontier.png"):
+        assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert {(s["method"], s["after"]) for s in samples} == {
         ("base", "stage 0"), ("aligned", "stage 0"), ("seqft", "topic"), ("seqft", "sentiment"),

