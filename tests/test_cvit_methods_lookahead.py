@@ -9,6 +9,7 @@ import re
 
 import pytest
 
+from hpa_kernels import HPAConfig
 from hpa_kernels.cvit.methods.base import RunContext
 from hpa_kernels.cvit.methods.lookahead import (
     CONNECTOR,
@@ -99,6 +100,11 @@ def test_hooks_rewrite_training_pairs_only():
     assert virtual.training_pairs(PAIRS, None) == virtual_answer_preview(PAIRS)
     assert virtual.name == "lookahead-virtual"
     assert virtual.describe() == {"variant": "virtual", "connector": CONNECTOR, "prefix": "Let's solve this problem. "}
+
+
+def test_the_runs_hpa_config_keeps_its_sizes_without_the_edit():
+    method = LookAhead(HPAConfig(task_samples=7), variant="virtual")
+    assert not method.hpa.enabled and method.hpa.task_samples == 7
 
 
 @pytest.mark.parametrize("kwargs", [{"variant": "both"}, {"m": 0}])

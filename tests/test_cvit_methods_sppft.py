@@ -198,6 +198,11 @@ def test_before_tasks_locates_the_rise_of_the_gap():
     assert settings["pairs"] == {"normal_normal": 3, "normal_malicious": 6}
 
 
+def test_the_runs_hpa_config_keeps_its_sizes_without_the_edit():
+    method = SPPFT(HPAConfig(safety_samples=5))
+    assert method.name == "sppft" and not method.hpa.enabled and method.hpa.safety_samples == 5
+
+
 def test_begin_task_needs_located_layers():
     chat = ChatModel(tiny_llama(), CharTokenizer(), "tiny")
     with pytest.raises(RuntimeError):

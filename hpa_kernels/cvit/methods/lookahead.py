@@ -46,6 +46,8 @@ Decisions where our protocol differs:
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ... import HPAConfig
 from ..prompts import TaskPrompts
 from .base import Method, Pairs, RunContext
@@ -94,7 +96,7 @@ class LookAhead(Method):
     """LookAhead Tuning (module doc): only :meth:`training_pairs` differs from SeqFT.
 
     Args:
-        hpa: the run's :class:`~hpa_kernels.HPAConfig` (its calibration sizes; pass it disabled).
+        hpa: the run's :class:`~hpa_kernels.HPAConfig` (its calibration sizes; HPA's edit is turned off).
         variant: ``"real"`` (default) or ``"virtual"``.
         m: tokens previewed by the real variant.
         prefix: P of the virtual variant.
@@ -110,7 +112,9 @@ class LookAhead(Method):
             raise ValueError(f"LookAhead: variant must be one of {VARIANTS}, got {variant!r}")
         if m < 1:
             raise ValueError(f"LookAhead: m must be ≥ 1, got {m}")
-        super().__init__("lookahead" if variant == "real" else "lookahead-virtual", hpa)
+        super().__init__(
+            "lookahead" if variant == "real" else "lookahead-virtual", replace(hpa or HPAConfig(), enabled=False)
+        )
         self.variant, self.m, self.prefix = variant, m, prefix
         self.tokenizer = None
 

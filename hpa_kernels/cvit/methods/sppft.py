@@ -60,6 +60,8 @@ Defaults and decisions:
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import Tensor
 
@@ -209,12 +211,12 @@ class SPPFT(Method):
     model in :meth:`before_tasks`, their layers frozen in every :meth:`begin_task`.
 
     Args:
-        hpa: the run's :class:`~hpa_kernels.HPAConfig` (its calibration sizes; pass it disabled).
+        hpa: the run's :class:`~hpa_kernels.HPAConfig` (its calibration sizes; HPA's edit is turned off).
         low, high: the rise fractions of :func:`safety_layer_range`.
     """
 
     def __init__(self, hpa: HPAConfig | None = None, low: float = GAP_RISE[0], high: float = GAP_RISE[1]) -> None:
-        super().__init__("sppft", hpa)
+        super().__init__("sppft", replace(hpa or HPAConfig(), enabled=False))
         self.low, self.high = low, high
         self.blocks: range | None = None
         self.curves: dict[str, list[float]] = {}
