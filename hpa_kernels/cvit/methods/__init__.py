@@ -14,7 +14,9 @@ from dataclasses import replace
 from ... import HPAConfig
 from .base import Method, RunContext, TaskContext, dense_weights, input_hessians
 from .ema import EMA
+from .lookahead import LookAhead
 from .lox import LoX
+from .sppft import SPPFT
 
 # name -> factory(the run's HPAConfig: retain ratios and calibration sizes from the CLI) -> Method
 METHODS: dict[str, Callable[[HPAConfig], Method]] = {
@@ -23,8 +25,10 @@ METHODS: dict[str, Callable[[HPAConfig], Method]] = {
     "hpa-no-orth": lambda hpa: Method("hpa-no-orth", replace(hpa, orthogonal=False)),
     "hpa-safety-only": lambda hpa: Method("hpa-safety-only", replace(hpa, selection="safety_only")),
     "hpa-balance-only": lambda hpa: Method("hpa-balance-only", replace(hpa, selection="balance_only")),
+    "sppft": SPPFT,
     "ema": EMA,
     "lox": LoX,
+    "lookahead": LookAhead,
 }
 
 __all__ = ["METHODS", "Method", "RunContext", "TaskContext", "dense_weights", "input_hessians"]
