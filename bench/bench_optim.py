@@ -9,8 +9,6 @@ from .workloads import (
     MINILM_L6,
     build_model,
     make_optimizer,
-    online_available,
-    optimizer_runs_online,
     step_bytes,
     step_variants,
     sweep_spec,
@@ -20,11 +18,6 @@ pytestmark = pytest.mark.bench
 
 SETS = [sweep_spec(1e5), sweep_spec(1e6), sweep_spec(1e7), MINILM_L6]
 VARIANTS = [pytest.param(v, id=v.name) for v in step_variants()]
-if not online_available():
-    VARIANTS.append(
-        pytest.param(None, id="hpa-online", marks=pytest.mark.skip(reason="ops.online_step not yet available"))
-    )
-ONLINE_IN_OPTIMIZER = optimizer_runs_online()
 
 
 @pytest.fixture(scope="module", params=SETS, ids=lambda s: s.name)
@@ -34,7 +27,7 @@ def model(request):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_step(benchmark, model, variant):
-    opt = make_optimizer(variant, model, online_in_optimizer=ONLINE_IN_OPTIMIZER)
+    opt = make_optimizer(variant, model)
     opt.step()  # the first step allocates the state
     num_bytes = step_bytes(variant, model)
     benchmark.group = f"step {model.spec.name} ({model.spec.num_params:.2e} params)"

@@ -30,7 +30,6 @@ from .workloads import (
     hinv_vectors,
     llama_1b,
     make_optimizer,
-    optimizer_runs_online,
     step_variants,
     sweep_spec,
 )
@@ -59,11 +58,11 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
     return total
 
 
-def _probe(model, variant, task: bool, online_in_optimizer: bool) -> dict:
+def _probe(model, variant, task: bool) -> dict:
     gc.collect()
     base = rss_bytes()
     exact = reset_peak_rss()
-    opt = make_optimizer(variant, model, online_in_optimizer=online_in_optimizer)
+    opt = make_optimizer(variant, model)
     if task and variant.kind == "hpa-plain":
         opt.begin_task(safety_hessians=hinv_vectors(model, opt.hpa_layers, seed=1))
     for _ in range(2):
@@ -83,7 +82,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("set", help="parameter set name, e.g. llama-1b-1l")
     args = parser.parse_args(argv)
     spec = spec_by_name(args.set)
-    online_in_optimizer = optimizer_runs_online()
     runs = []
     ours = ops.resolve_backend("auto", torch.device("cpu"))
     for variant in step_variants():
@@ -94,9 +92,9 @@ def main(argv: list[str] | None = None) -> None:
             runs.append((variant, True))
     small = build_model(sweep_spec(1e5))
     for variant, task in runs:  # warm-up: lazy library loads and thread pools are not the optimizer's
-        _probe(small, variant, task, online_in_optimizer)
+        _probe(small, variant, task)
     model = build_model(spec)  # one copy of the parameters and gradients for every variant
-    print(json.dumps([_probe(model, variant, task, online_in_optimizer) for variant, task in runs]))
+    print(json.dumps([_probe(model, variant, task) for variant, task in runs]))
 
 
 def probe_memory(set_name: str, timeout_s: float = 300.0) -> list[dict]:

@@ -19,7 +19,7 @@ import cProfile
 import pstats
 
 from .memprobe import spec_by_name
-from .workloads import ModelEdit, build_model, make_optimizer, optimizer_runs_online, step_variants
+from .workloads import ModelEdit, build_model, make_optimizer, step_variants
 
 _KERNEL_MARKS = ("hpa_kernels._C", "_C_cuda")
 _TORCH_MARKS = ("torch.", "Tensor", "of 'torch._C", "_VariableFunctionsClass", "TensorBase")
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     model = build_model(spec_by_name(args.set), grads=args.what == "step")
     if args.what == "step":
         variant = {v.name: v for v in step_variants()}[args.variant]
-        opt = make_optimizer(variant, model, online_in_optimizer=optimizer_runs_online())
+        opt = make_optimizer(variant, model)
         opt.step()
         opt.step()
         profiler = cProfile.Profile()

@@ -39,8 +39,6 @@ from .workloads import (
     llama_1b,
     make_optimizer,
     model_edit_bytes,
-    online_available,
-    optimizer_runs_online,
     step_bytes,
     step_variants,
     sweep_spec,
@@ -95,7 +93,7 @@ def _free() -> None:
 # ---------------------------------------------------------------------------------------- steps
 
 
-def bench_steps(report: Report, spec: ModelSpec, args: argparse.Namespace, online_in_optimizer: bool) -> None:
+def bench_steps(report: Report, spec: ModelSpec, args: argparse.Namespace) -> None:
     """Every step variant on ``spec``, timed side by side (round-robin); rows carry GB/s, the
     share of copy bandwidth and the ratio to torch fused AdamW on the same parameters."""
     model = build_model(spec, args.device)
@@ -106,7 +104,7 @@ def bench_steps(report: Report, spec: ModelSpec, args: argparse.Namespace, onlin
         if variant.option == "torch" and params > args.reference_max:
             rows[variant.name]["skipped"] = f"reference backend timed up to {args.reference_max:.0e} parameters"
             continue
-        optimizers[variant] = make_optimizer(variant, model, online_in_optimizer=online_in_optimizer)
+        optimizers[variant] = make_optimizer(variant, model)
     timings = measure_many(
         {v.name: opt.step for v, opt in optimizers.items()},
         warmup=args.warmup,
@@ -571,7 +569,6 @@ def main(argv: list[str] | None = None) -> Report:
     if args.machine:
         machine["name"] = args.machine
     ours = ops.resolve_backend("auto", torch.device(args.device))
-    online_in_optimizer = optimizer_runs_online()
     report = Report(
         machine=machine,
         config={
@@ -585,21 +582,11 @@ def main(argv: list[str] | None = None) -> Report:
             "budget_s": args.budget,
             "reference_max_params": args.reference_max,
             "auto_backend": ours,
-            "online_step": "HPAOptimizer(online=True)"
-            if online_in_optimizer
-            else ("ops.online_step" if online_available() else None),
+            "online_step": "HPAOptimizer(online=True)",
             "memory_set": args.memory_set,
             "loadavg_start": [round(x, 2) for x in os.getloadavg()],
         },
     )
-    if not online_available():
-        report.notes.append("The online step is not available yet (no hpa_kernels.ops.online_step): not measured.")
-    elif not online_in_optimizer:
-        report.notes.append(
-            "HPAOptimizer does not run online mode yet: hpa-online rows time bench.workloads.OnlineStepper, the "
-            "step an optimizer would run on the public ops (ops.online_step per managed layer, one ops.adamw_step "
-            "over the rest), with a W_prev snapshot and a retain-ratio column mask per managed layer."
-        )
     if ours == "torch":
         report.notes.append(
             "No compiled backend on this machine (hpa_kernels._C did not load): targets are not measurable."
@@ -608,7 +595,7 @@ def main(argv: list[str] | None = None) -> Report:
     report.bandwidth = copy_bandwidth(device=args.device)
     _log(f"copy bandwidth {report.bandwidth['gbps']:.2f} GB/s ({report.bandwidth['best_method']})")
     for spec in args.sets:
-        bench_steps(report, spec, args, online_in_optimizer)
+        bench_steps(report, spec, args)
     bench_layer_edits(report, args)
     bench_calibration(report, args)
     if args.memory_set:

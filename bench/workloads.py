@@ -28,8 +28,6 @@ from torch import Tensor, nn
 
 import hpa_kernels
 from hpa_kernels import HPAConfig, HPAOptimizer, ops
-from hpa_kernels.functional import count_columns
-from hpa_kernels.layers import find_hpa_layers
 
 LR = 1e-3
 WEIGHT_DECAY = 1e-2
@@ -258,11 +256,6 @@ def device_backends(device: torch.device | str) -> list[str]:
     return [b for b in ops.available_backends() if b in wanted]
 
 
-def online_available() -> bool:
-    """True once the kernels expose the online step (``hpa_kernels.ops.online_step``)."""
-    return hasattr(ops, "online_step")
-
-
 @dataclass(frozen=True)
 class StepVariant:
     """One optimizer configuration whose ``step()`` is timed.
@@ -283,105 +276,20 @@ def step_variants(device: torch.device | str = "cpu") -> list[StepVariant]:
     variants = [StepVariant("adamw-foreach", "adamw", "foreach"), StepVariant("adamw-fused", "adamw", "fused")]
     for backend in device_backends(device):
         variants.append(StepVariant(f"hpa-plain[{backend}]", "hpa-plain", backend))
-    if online_available():
-        for backend in device_backends(device):
-            variants.append(StepVariant(f"hpa-online[{backend}]", "hpa-online", backend))
+    for backend in device_backends(device):
+        variants.append(StepVariant(f"hpa-online[{backend}]", "hpa-online", backend))
     return variants
 
 
-def optimizer_runs_online() -> bool:
-    """True when ``HPAOptimizer`` with ``HPAConfig(online=True)`` calls ``ops.online_step`` in a task
-    (probed on a tiny model by counting calls)."""
-    if not online_available():
-        return False
-    calls = []
-    original = ops.online_step
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    model = build_model(sweep_spec(1e3))
-    ops.online_step = counting
-    try:
-        opt = HPAOptimizer.from_model(model, hpa=HPAConfig(online=True), backend="torch")
-        opt.begin_task(safety_hessians=hinv_vectors(model, opt.hpa_layers, seed=1))
-        opt.step()
-    finally:
-        ops.online_step = original
-    return bool(calls)
-
-
-class OnlineStepper:
-    """The online HPA step as an optimizer runs it, on the public ops API, for as long as
-    ``HPAOptimizer`` does not run online mode itself (:func:`optimizer_runs_online`).
-
-    One ``step()``: ``ops.online_step`` on every managed layer (find_hpa_layers), then one
-    ``ops.adamw_step`` call over every other parameter. At construction: fp32 moments, step
-    counts, the W_prev snapshot, a column mask retaining ``floor(p_l·c + 0.5)`` random columns
-    (the layer's retain ratio) and the (c,) column-energy accumulator of every managed layer —
-    ``state`` holds them per parameter, as ``Optimizer.state`` does.
-    """
-
-    def __init__(self, model: ShapedModel, backend: str, orthogonal: bool = True) -> None:
-        self.backend = backend
-        self.orthogonal = orthogonal
-        self.hpa_layers = find_hpa_layers(model)
-        managed = {id(layer.module.weight) for layer in self.hpa_layers.values()}
-        self.others = [p for p in model.parameters() if id(p) not in managed]
-        self.state: dict[Tensor, dict[str, Tensor]] = {}
-        generator = torch.Generator().manual_seed(SEED)
-        with torch.no_grad():
-            for p in model.parameters():
-                state = {
-                    "step": torch.zeros((), dtype=torch.float32, device=p.device),
-                    "exp_avg": torch.zeros_like(p, dtype=torch.float32),
-                    "exp_avg_sq": torch.zeros_like(p, dtype=torch.float32),
-                }
-                self.state[p] = state
-            for layer in self.hpa_layers.values():
-                weight = layer.module.weight
-                columns = weight.shape[1]
-                mask = torch.zeros(columns, dtype=torch.bool)
-                mask[torch.randperm(columns, generator=generator)[: count_columns(layer.retain_ratio, columns)]] = True
-                self.state[weight]["hpa_prev"] = weight.detach().clone()
-                self.state[weight]["hpa_mask"] = mask.to(weight.device)
-                self.state[weight]["hpa_col_energy"] = torch.zeros(columns, dtype=torch.float32, device=weight.device)
-
-    @torch.no_grad()
-    def step(self) -> None:
-        hyper = {"lr": LR, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": WEIGHT_DECAY}
-        for layer in self.hpa_layers.values():
-            p = layer.module.weight
-            s = self.state[p]
-            ops.online_step(
-                p, p.grad, s["exp_avg"], s["exp_avg_sq"], s["step"], s["hpa_prev"], s["hpa_mask"], s["hpa_col_energy"],
-                orthogonal=self.orthogonal, backend=self.backend, **hyper,
-            )  # fmt: skip
-        states = [self.state[p] for p in self.others]
-        ops.adamw_step(
-            self.others,
-            [p.grad for p in self.others],
-            [s["exp_avg"] for s in states],
-            [s["exp_avg_sq"] for s in states],
-            [s["step"] for s in states],
-            backend=self.backend,
-            **hyper,
-        )
-
-
-def make_optimizer(variant: StepVariant, model: ShapedModel, *, online_in_optimizer: bool = False):
+def make_optimizer(variant: StepVariant, model: ShapedModel):
     """The optimizer of ``variant`` over every parameter of ``model`` (same hyperparameters for all).
 
-    ``hpa-online``: ``HPAOptimizer(hpa=HPAConfig(online=True))`` with a task open when
-    ``online_in_optimizer`` (see :func:`optimizer_runs_online`), else an :class:`OnlineStepper`;
-    either way the W_prev snapshots are part of its state.
+    ``hpa-online``: ``HPAOptimizer(hpa=HPAConfig(online=True))`` with a task open, so that the
+    W_prev snapshots are part of its state.
     """
     if variant.kind == "adamw":
         params = list(model.parameters())
         return torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY, **{variant.option: True})
-    if variant.kind == "hpa-online" and not online_in_optimizer:
-        return OnlineStepper(model, variant.option)
     online = variant.kind == "hpa-online"
     opt = HPAOptimizer.from_model(
         model, lr=LR, weight_decay=WEIGHT_DECAY, hpa=HPAConfig(online=online), backend=variant.option

@@ -66,43 +66,6 @@ double online_step(int dtype, int64_t r, int64_t c, uintptr_t param, uintptr_t g
                                ptr_or_null<float>(grad_scale), ptr_or_null<float>(found_inf), orthogonal);
 }
 
-// The online step over n layers of one storage dtype (hpa::cpu::online_step_multi): one list per
-// argument of online_step, one entry per layer; returns the n projection coefficients.
-std::vector<double> online_step_multi(int dtype, const std::vector<int64_t>& rows, const std::vector<int64_t>& cols,
-                                      const std::vector<uintptr_t>& params, const std::vector<uintptr_t>& grads,
-                                      const std::vector<uintptr_t>& exp_avgs, const std::vector<uintptr_t>& exp_avg_sqs,
-                                      const std::vector<uintptr_t>& steps, const std::vector<uintptr_t>& w_prevs,
-                                      const std::vector<uintptr_t>& masks, const std::vector<uintptr_t>& col_energies,
-                                      double lr, double beta1, double beta2, double eps, double weight_decay,
-                                      bool maximize, uintptr_t grad_scale, uintptr_t found_inf, bool orthogonal) {
-  const size_t n = rows.size();
-  for (size_t len : {cols.size(), params.size(), grads.size(), exp_avgs.size(), exp_avg_sqs.size(), steps.size(),
-                     w_prevs.size(), masks.size(), col_energies.size()}) {
-    if (len != n) throw std::invalid_argument("online_step_multi: lists differ in length");
-  }
-  std::vector<hpa::cpu::OnlineLayer> layers(n);
-  for (size_t l = 0; l < n; ++l) {
-    layers[l] = hpa::cpu::OnlineLayer{rows[l],
-                                      cols[l],
-                                      params[l],
-                                      grads[l],
-                                      reinterpret_cast<float*>(exp_avgs[l]),
-                                      reinterpret_cast<float*>(exp_avg_sqs[l]),
-                                      reinterpret_cast<float*>(steps[l]),
-                                      w_prevs[l],
-                                      reinterpret_cast<const uint8_t*>(masks[l]),
-                                      reinterpret_cast<float*>(col_energies[l])};
-  }
-  const hpa::AdamWHyper hyper{lr, beta1, beta2, eps, weight_decay, maximize};
-  std::vector<double> coefs(n, 0.0);
-  {
-    py::gil_scoped_release release;
-    hpa::cpu::online_step_multi(dtype, static_cast<int64_t>(n), layers.data(), hyper, ptr_or_null<float>(grad_scale),
-                                ptr_or_null<float>(found_inf), orthogonal, coefs.data());
-  }
-  return coefs;
-}
-
 py::tuple split_range(int64_t n, int64_t parts, int64_t k) {
   int64_t begin = 0, end = 0;
   hpa::split_range(n, parts, k, &begin, &end);
@@ -117,8 +80,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("hpa_reduce", &hpa_reduce, "HPA column scores and Frobenius sums; returns (dot, norm_sq)");
   m.def("hpa_apply", &hpa_apply, "HPA masked, projected write");
   m.def("online_step", &online_step, "Online HPA step; returns the projection coefficient");
-  m.def("online_step_multi", &online_step_multi,
-        "Online HPA step over a list of layers of one dtype, one parallel region; returns the coefficients");
   m.def("offset2d", &hpa::offset2d, "64-bit element offset i*stride0 + j*stride1 (index helper, for tests)");
   m.def("split_range", &split_range, "[begin, end) of part k of n items in `parts` parts (for tests)");
   m.def("num_threads", &hpa::cpu::num_threads, "OpenMP threads the kernels use");

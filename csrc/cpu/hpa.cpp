@@ -319,6 +319,20 @@ void apply_typed(int64_t r, int64_t c, Mat prev, Mat next, Mat out, const uint8_
   }
 }
 
+// One layer of the online step: contiguous row-major (rows, cols) tensors, as online_step.
+struct OnlineLayer {
+  int64_t rows;
+  int64_t cols;
+  uintptr_t param;
+  uintptr_t grad;
+  float* exp_avg;
+  float* exp_avg_sq;
+  float* step;
+  uintptr_t w_prev;
+  const uint8_t* mask;
+  float* col_energy;
+};
+
 // The online step over n layers in one OpenMP parallel region: pass 1 of every layer (each layer
 // cut into the same row x column tasks as a single-layer call, so every result is bit-identical to
 // n separate calls), then each layer's sums and coefficient, then pass 2 of every layer.
@@ -453,6 +467,25 @@ void online_typed(int64_t n, const OnlineLayer* layers, const AdamWHyper& h, con
   }
 }
 
+// online_typed behind the GradScaler skip and the dtype switch; coefs[l] gets layer l's c'.
+void online_step_multi(int dtype, int64_t n, const OnlineLayer* layers, const AdamWHyper& hyper,
+                       const float* grad_scale, const float* found_inf, bool orthogonal, double* coefs) {
+  if (found_inf != nullptr && *found_inf != 0.0f) {  // GradScaler skip: nothing written
+    for (int64_t l = 0; l < n; ++l) coefs[l] = 0.0;
+    return;
+  }
+  switch (dtype) {
+    case kF32:
+      return online_typed<kF32>(n, layers, hyper, grad_scale, orthogonal, coefs);
+    case kBF16:
+      return online_typed<kBF16>(n, layers, hyper, grad_scale, orthogonal, coefs);
+    case kF16:
+      return online_typed<kF16>(n, layers, hyper, grad_scale, orthogonal, coefs);
+    default:
+      throw std::invalid_argument("online_step: unknown storage dtype code");
+  }
+}
+
 }  // namespace
 
 void hpa_reduce(int dtype, int64_t r, int64_t c, Mat prev, Mat next, const float* hinv_safety,
@@ -479,24 +512,6 @@ void hpa_apply(int dtype, int64_t r, int64_t c, Mat prev, Mat next, Mat out, con
       return apply_typed<kF16>(r, c, prev, next, out, mask, coef);
     default:
       throw std::invalid_argument("hpa_apply: unknown storage dtype code");
-  }
-}
-
-void online_step_multi(int dtype, int64_t n, const OnlineLayer* layers, const AdamWHyper& hyper,
-                       const float* grad_scale, const float* found_inf, bool orthogonal, double* coefs) {
-  if (found_inf != nullptr && *found_inf != 0.0f) {  // GradScaler skip: nothing written
-    for (int64_t l = 0; l < n; ++l) coefs[l] = 0.0;
-    return;
-  }
-  switch (dtype) {
-    case kF32:
-      return online_typed<kF32>(n, layers, hyper, grad_scale, orthogonal, coefs);
-    case kBF16:
-      return online_typed<kBF16>(n, layers, hyper, grad_scale, orthogonal, coefs);
-    case kF16:
-      return online_typed<kF16>(n, layers, hyper, grad_scale, orthogonal, coefs);
-    default:
-      throw std::invalid_argument("online_step: unknown storage dtype code");
   }
 }
 

@@ -31,8 +31,6 @@ from torch import Tensor
 from .native import _check_matrix_pair, _check_online_args, _check_vector, _dtype_code, _Staging
 from .reference import ROW_BLOCK
 
-INTERPRETED = bool(triton.knobs.runtime.interpret)
-
 _ADAMW_BLOCK = 1024
 _TILE_R = 32
 _TILE_C = 64

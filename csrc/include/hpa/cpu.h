@@ -31,25 +31,6 @@ double online_step(int dtype, int64_t r, int64_t c, uintptr_t param, uintptr_t g
                    float* exp_avg_sq, float* step, uintptr_t w_prev, const uint8_t* mask, float* col_energy,
                    const AdamWHyper& hyper, const float* grad_scale, const float* found_inf, bool orthogonal);
 
-// One layer of a multi-layer online step: contiguous row-major (rows, cols) tensors, as online_step.
-struct OnlineLayer {
-  int64_t rows;
-  int64_t cols;
-  uintptr_t param;
-  uintptr_t grad;
-  float* exp_avg;
-  float* exp_avg_sq;
-  float* step;
-  uintptr_t w_prev;
-  const uint8_t* mask;
-  float* col_energy;
-};
-
-// The online step over n layers of one storage dtype in one OpenMP parallel region; coefs[l] gets
-// layer l's c'. Every layer's results are bit-identical to a single-layer online_step call.
-void online_step_multi(int dtype, int64_t n, const OnlineLayer* layers, const AdamWHyper& hyper,
-                       const float* grad_scale, const float* found_inf, bool orthogonal, double* coefs);
-
 // Number of OpenMP threads the kernels use (1 when built without OpenMP).
 int num_threads();
 
