@@ -16,6 +16,8 @@ from .base import Method, RunContext, TaskContext, dense_weights, input_hessians
 from .ema import EMA
 from .lookahead import LookAhead
 from .lox import LoX
+from .model_tailor import ModelTailor
+from .safe_delta import SafeDelta
 from .sppft import SPPFT
 
 # name -> factory(the run's HPAConfig: retain ratios and calibration sizes from the CLI) -> Method
@@ -29,6 +31,8 @@ METHODS: dict[str, Callable[[HPAConfig], Method]] = {
     "ema": EMA,
     "lox": LoX,
     "lookahead": LookAhead,
+    "safe-delta": SafeDelta,
+    "model-tailor": ModelTailor,
 }
 
 __all__ = ["METHODS", "Method", "RunContext", "TaskContext", "dense_weights", "input_hessians"]
