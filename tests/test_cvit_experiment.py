@@ -4,11 +4,14 @@ SeqFT vs HPA edits, same seed same numbers, and a killed run resumed to the same
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from hpa_kernels.cvit.methods import METHODS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -90,3 +93,27 @@ def test_resume_gives_the_numbers_of_an_uninterrupted_run(runs):
     whole = json.loads((runs["whole"][0] / "results.json").read_text())
     resumed = json.loads((out / "results.json").read_text())
     assert numbers(resumed) == numbers(whole)
+
+
+def test_every_method_runs_on_the_same_protocol(runs, tmp_path):
+    """``--methods all`` on the first task, from the aligned model of the whole run: every method
+    starts from the same weights and data, SeqFT repeats its numbers, and each baseline acts where
+    it should (a post-hoc edit after the merge, or nothing after it)."""
+    shutil.copytree(runs["whole"][0] / "aligned", tmp_path / "aligned")  # stage 0 is not redone
+    args = list(TINY)
+    args[args.index("--tasks") + 1] = "topic"
+    proc = run_cli(*args, "--methods", "all", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    whole = json.loads((runs["whole"][0] / "results.json").read_text())
+    assert list(results["methods"]) == list(METHODS) and results["aligned"] == whole["aligned"]
+    assert numbers(results)["methods"]["seqft"]["after_task"][0] == numbers(whole)["methods"]["seqft"]["after_task"][0]
+    edits = {name: run["after_task"][0]["edit"]["edit_norm"] for name, run in results["methods"].items()}
+    assert all(
+        edits[name] > 0 for name in METHODS if name.startswith("hpa") or name in ("ema", "safe-delta", "model-tailor")
+    )
+    assert all(edits[name] == 0 for name in ("seqft", "sppft", "lox", "lookahead"))
+    assert results["methods"]["sppft"]["settings"]["safety_layers"]
+    markdown = (tmp_path / "results.md").read_text()
+    assert all(f"| {name} |" in markdown for name in METHODS)
+    assert (tmp_path / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
