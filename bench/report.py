@@ -3,9 +3,9 @@ the end-of-task edit, the calibration hooks and the memory per parameter, side b
 ``torch.optim.AdamW`` and the machine's copy bandwidth, and writes
 ``bench/results/<machine>.json``, ``<machine>.md`` and ``<machine>.png``.
 
-Bytes are counted as DESIGN.md § Kernels counts them (:func:`bench.workloads.step_bytes`,
-:func:`bench.workloads.edit_bytes`). Times are medians after warm-up, with the min–max of the
-timed repeats. ``--quick`` runs small sizes only (a smoke test of the script, not a report).
+Bytes are counted by :func:`bench.workloads.step_bytes` and :func:`bench.workloads.edit_bytes`
+(every tensor a fused pass must read or write, once). Times are medians after warm-up, with the
+min–max of the timed repeats. ``--quick`` runs small sizes only (a smoke test of the script, not a report).
 """
 
 from __future__ import annotations
@@ -343,7 +343,7 @@ def markdown(report: Report, plot_name: str) -> str:
         f"Run: `{report.config['command']}`, {report.elapsed_s:.0f} s.",
         "",
         f"Times: median over the timed repeats after {report.config['warmup']} warm-up call(s), (min–max) "
-        "after it. GB/s: bytes counted as in DESIGN.md § Kernels (AdamW: p, g, m, v read, p, m, v "
+        "after it. GB/s: bytes counted by bench.workloads (AdamW: p, g, m, v read, p, m, v "
         "written; online: + W_prev and the mask of managed layers; edit: 5 × the layer's bytes) over "
         "the median time.",
         "",
@@ -476,7 +476,7 @@ def plot(report: Report, path: Path) -> None:
     ax_ratio.axhline(TARGETS["online"], color="k", lw=1, ls=":", label="online target 1.15×")
     for ax, title, ylabel in (
         (ax_time, "time per step (median, min–max)", "seconds"),
-        (ax_bw, "achieved bandwidth (DESIGN.md byte count)", "GB/s"),
+        (ax_bw, "achieved bandwidth (bench.workloads byte count)", "GB/s"),
         (ax_ratio, "time / torch AdamW(fused=True)", "ratio"),
     ):
         ax.set_xscale("log")

@@ -300,7 +300,7 @@ def make_optimizer(variant: StepVariant, model: ShapedModel):
 
 
 def step_bytes(variant: StepVariant, model: ShapedModel) -> int:
-    """Bytes one step moves, counted as DESIGN.md § Kernels does.
+    """Bytes one step moves: every tensor a fused kernel must read or write, once.
 
     AdamW: reads p, g (storage dtype) and m, v (fp32), writes p, m, v. The online step also reads
     W_prev (storage dtype) and the column mask (bits) of every managed layer.
@@ -320,7 +320,7 @@ def step_bytes(variant: StepVariant, model: ShapedModel) -> int:
 
 
 def edit_bytes(rows: int, cols: int, element_size: int = 4) -> int:
-    """Bytes of one layer's edit (DESIGN.md § Kernels): the reduce reads W_prev and W_new; the write
+    """Bytes of one layer's edit, each pass's tensors once: the reduce reads W_prev and W_new; the write
     reads W_prev, W_new and the mask (bits) and writes Ŵ."""
     return 5 * rows * cols * element_size + math.ceil(cols / 8)
 

@@ -38,7 +38,7 @@ class HPAConfig:
             scope, ``include`` and ``extra_layers`` (``"*.mlp.*"``: attention only).
             See :mod:`hpa_kernels.layers` for the whole rule.
         online: apply the current column mask and the orthogonal constraint inside
-            every training step (DESIGN.md § Kernels, the online step).
+            every training step (:func:`hpa_kernels.ops.online_step`).
         refresh_every: with ``online``, recompute the column mask every this many steps
             (0: keep the mask of the task's start, which retains nothing).
         safety_samples, task_samples: calibration set sizes the runners use (8, 128).

@@ -1,4 +1,4 @@
-"""HPA across data-parallel ranks and sharded parameters (DESIGN.md § Scaling past one machine).
+"""HPA across data-parallel ranks and sharded parameters.
 
 Everything here rides on PyTorch's own engines: ``torch.distributed`` collectives, DTensor
 (what ``torch.distributed.fsdp.fully_shard`` makes of each parameter) and

@@ -47,7 +47,7 @@ _COLUMN_STATE = ("hpa_hinv_safety", "hpa_mask", "hpa_col_energy")
 
 
 def _check_param_dtype(p: Tensor, label: str) -> None:
-    """Refuse a parameter no backend can step (issue 5 case 9), naming it."""
+    """Refuse a parameter no backend can step (complex, integer or bool), naming it."""
     if p.is_complex():
         raise ValueError(f"HPAOptimizer: {label} is complex ({p.dtype}); not supported (view it as real pairs)")
     if not p.is_floating_point():
@@ -431,7 +431,8 @@ class HPAOptimizer(Optimizer):
         return f"{name!r} ({where}, shape {tuple(p.shape)})" if name else f"{where}, shape {tuple(p.shape)}"
 
     def _check_grads(self) -> None:
-        """Every parameter with a gradient can be stepped: raises before any state changes (case 9)."""
+        """Every parameter with a gradient can be stepped (dense, real, a dtype its backend steps):
+        raises, naming the parameter, before any state changes."""
         backends: dict[torch.device, str] = {}
         for group_index, group in enumerate(self.param_groups):
             for index, p in enumerate(group["params"]):
@@ -555,7 +556,7 @@ class HPAOptimizer(Optimizer):
     def _online_step(
         self, online: Mapping[int, tuple[str, dict[str, Any]]], grad_scale: Tensor | None, found_inf: Tensor | None
     ) -> None:
-        """The online HPA step of each managed weight (``ops.online_step``, DESIGN.md § Kernels):
+        """The online HPA step of each managed weight (``ops.online_step``):
         AdamW, then the retained columns back to W_prev and ΔW made orthogonal to W_prev; every
         ``refresh_every`` steps a new column mask from the accumulated update energies."""
         for name, group in online.values():

@@ -1,4 +1,4 @@
-"""Which layers HPA manages, and a whole task on each model family users tune (issue 11).
+"""Which layers HPA manages, and a whole task on each model family users tune.
 
 One table of tiny models built from configs (offline, CPU): Llama, Qwen2, GPT-2 (Conv1D), BERT,
 T5 (encoder-decoder), Mixtral (fused 3-D experts), Jamba (hybrid Mamba / attention blocks), LLaVA,

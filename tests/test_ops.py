@@ -3,7 +3,7 @@
 One table (``test_op_matches_reference``): each case builds one set of inputs, runs the reference
 in float64 on exact float64 copies of them (the truth), the reference in the case's own dtype (to
 measure the reference's own low-precision error), and the backend under test in the case's dtype
-and layout. An output passes when (flash-attention style, STYLE.md)::
+and layout. An output passes when (as flash-attention tests its kernels)::
 
     max|backend − truth| ≤ 2 · max|reference_lowp − truth| + floor
 
@@ -303,7 +303,7 @@ def _amp_inputs(device, dtype=torch.float16):
 
 @pytest.mark.parametrize("backend,device", ALL_BACKENDS)
 def test_found_inf_leaves_everything_bitwise_unchanged(backend, device):
-    """GradScaler's skipped step (issue 5 case 5): no parameter, moment, step count or statistic moves."""
+    """GradScaler's skipped step (``found_inf`` non-zero): no parameter, moment, step count or statistic moves."""
     x = _amp_inputs(device)
     before = {k: v.clone() for k, v in x.items()}
     found_inf = torch.tensor(1.0, device=device)
@@ -387,7 +387,7 @@ def test_online_step_energy_counts_retained_columns(backend, device):
 
 @pytest.mark.parametrize("backend,device", ALL_BACKENDS)
 def test_runs_are_bitwise_deterministic(backend, device):
-    """Same inputs, same bits (issue 5 case 10): fixed-order reductions, no atomics."""
+    """Same inputs, same bits: fixed-order reductions, no atomics."""
     shape = (257, 1023) if backend != "triton" or HAS_GPU else (33, 65)
     runs = []
     for _ in range(2):
@@ -547,7 +547,7 @@ def test_bad_arguments_are_refused(backend, device):
 
 
 # ---------------------------------------------------------------------------------------------
-# Issue 13: one summation order for hpa_reduce on every backend (the bits of the reference)
+# One summation order for hpa_reduce on every backend (the bits of the reference)
 
 
 def _reduce_pair(shape, dtype, seed=0):
@@ -562,7 +562,7 @@ def _reduce_pair(shape, dtype, seed=0):
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "strided"])
 def test_reduce_gives_the_reference_bits(backend, device, small, dtype, layout):
-    """Issue 13: every backend's ε̄, ζ̄, ⟨ΔW, W_prev⟩, ‖W_prev‖² are the bits of the "torch"
+    """Every backend's ε̄, ζ̄, ⟨ΔW, W_prev⟩, ‖W_prev‖² are the bits of the "torch"
     reference (row blocks of 128 summed by a pairwise tree, blocks in index order, column tree,
     float64, rounded once): independent of threads, tiles and SM count, which no backend's own
     split enters. Shapes cross the 128-row block and 128-column group edges, and the 128² column
@@ -583,9 +583,9 @@ def test_reduce_gives_the_reference_bits(backend, device, small, dtype, layout):
 
 @pytest.mark.parametrize("backend,device", ALL_BACKENDS)
 def test_permuted_duplicate_columns_tie_exactly_and_the_lower_index_wins(backend, device):
-    """Issue 13: a column equal to another up to a row permutation has the same ε̄ in exact
-    arithmetic, so the lower index must win the tie. Measured before: ``cpu`` broke 37 of 40 such
-    ties, the interpreted Triton 17 of 40 (fp32 partial sums in thread- and tile-dependent order)."""
+    """A column equal to another up to a row permutation has the same ε̄ in exact arithmetic: the
+    pair gets the same bits (fp64 sums rounded once; fp32 partial sums in thread- and
+    tile-dependent order would split such ties), and the lower index wins the tie."""
     from hpa_kernels.functional import top_columns
 
     gen = torch.Generator().manual_seed(13)
@@ -619,8 +619,7 @@ torch.save(ops.hpa_reduce(w_prev, w_new, h, h.flip(0), backend="cpu"), sys.argv[
 
 @pytest.mark.skipif("cpu" not in AVAILABLE, reason="hpa_kernels._C not built")
 def test_cpu_reduce_bits_do_not_depend_on_the_thread_count(tmp_path):
-    """Issue 13: with OMP_NUM_THREADS=1 and =2 the ``cpu`` reduce gave different bits (246 of 256
-    ε̄ values); now both equal each other and the reference."""
+    """The ``cpu`` reduce under OMP_NUM_THREADS=1 and =2 gives the same bits, the reference's."""
     import subprocess
     import sys
 
@@ -641,9 +640,9 @@ def test_cpu_reduce_bits_do_not_depend_on_the_thread_count(tmp_path):
 
 @pytest.mark.parametrize("backend,device", ALL_BACKENDS)
 def test_tall_layer_reduce_is_within_one_ulp_of_the_exact_sum(backend, device):
-    """Issue 13: on a (200000, 3) layer (a vocabulary-sized head) ``cpu``'s ε̄ was off by 1.1e-3
-    relative (fp32 running sums). Float64 block sums keep every output within one float32 ulp of
-    the exactly rounded mean (math.fsum)."""
+    """On a (200000, 3) layer (a vocabulary-sized head), where fp32 running sums drift by 1e-3
+    relative, float64 block sums keep every output within one float32 ulp of the exactly rounded
+    mean (math.fsum)."""
     gen = torch.Generator().manual_seed(3)
     rows = 200_000
     w_prev = torch.randn(rows, 3, generator=gen) + 3.0
@@ -688,12 +687,11 @@ with open(sys.argv[1], "w") as out:
 
 @pytest.mark.skipif("triton" not in AVAILABLE, reason="needs triton")
 def test_triton_adamw_ptx_rounds_correctly(tmp_path):
-    """Issue 13: compiled for sm_90, the Triton AdamW used approximate division and square root
-    (``div.full.f32``, ``sqrt.approx.ftz.f32``) and FMA contraction (whose default changes in Triton
-    3.10); the interpreter computes exactly, so CPU tests could not see it. The PTX (compiled here,
-    no GPU needed) of the AdamW and online-step kernels, with the launch options every launch
-    uses, has IEEE ``div.rn`` / ``sqrt.rn`` only and no fp32 FMA (the fp64 FMAs left are inside
-    libdevice's ``exp`` of the bias corrections)."""
+    """The PTX (compiled here for sm_90, no GPU needed) of the AdamW and online-step kernels, with
+    the launch options every launch uses, has IEEE ``div.rn`` / ``sqrt.rn`` only (no
+    ``div.full.f32`` / ``sqrt.approx.ftz.f32``) and no fp32 FMA contraction, whose default changes
+    in Triton 3.10 (the fp64 FMAs left are inside libdevice's ``exp`` of the bias corrections).
+    The interpreter computes exactly, so only the PTX shows this."""
     import re
     import subprocess
     import sys
@@ -711,9 +709,9 @@ def test_triton_adamw_ptx_rounds_correctly(tmp_path):
 @pytest.mark.skipif(not TRITON_ON_CPU, reason="needs the Triton interpreter (no GPU)")
 @pytest.mark.parametrize("lr", [1e-2, torch.tensor(1e-2)], ids=["float", "cpu-tensor"])
 def test_triton_step_builds_no_device_tensor_from_host_values(monkeypatch, lr):
-    """Issue 13: every Triton AdamW / online step rebuilt its hyperparameters as a device tensor
-    (``torch.tensor([...], device=...)``: a host-to-device copy, a sync from pageable memory). They
-    are kernel arguments now: a step calls ``torch.tensor`` not once."""
+    """Triton AdamW / online steps pass their hyperparameters as kernel arguments, never as a
+    device tensor built per step (``torch.tensor([...], device=...)``: a host-to-device copy, a
+    sync from pageable memory): a step calls ``torch.tensor`` not once."""
     shape = (17, 33)
     gen = torch.Generator().manual_seed(2)
     p, g, w = (torch.randn(shape, generator=gen) for _ in range(3))
@@ -733,8 +731,8 @@ def test_triton_step_builds_no_device_tensor_from_host_values(monkeypatch, lr):
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2 or "triton" not in AVAILABLE, reason="needs two GPUs and triton")
 def test_triton_launches_on_the_tensors_device():
-    """Issue 13: Triton launches went to the current device: parameters on cuda:1 while cuda:0 is
-    current must be stepped, reduced and written on cuda:1, as on cuda:0."""
+    """Triton launches run on the tensors' device, not the current one: parameters on cuda:1
+    while cuda:0 is current are stepped, reduced and written on cuda:1, as on cuda:0."""
     results = []
     for device in ("cuda:0", "cuda:1"):
         w_prev, w_new, hinv_s, hinv_t = (t.to(device) for t in _reduce_pair((65, 33), torch.float32))
@@ -758,9 +756,10 @@ def test_triton_launches_on_the_tensors_device():
     ],
 )
 def test_triton_bits_do_not_depend_on_the_sm_count(monkeypatch, device):
-    """Issue 13: Triton's reduction split was 4 × the GPU's SM count, so an H100 PCIe, an H100 SXM
-    and a MIG slice gave different bits. With the SM count patched to 7 and to 132 the reduce and
-    the online step give the same bits (on CPU the interpreter path must not read it at all)."""
+    """Triton's reduction split does not depend on the GPU's SM count (else an H100 PCIe, an H100
+    SXM and a MIG slice would give different bits): with the SM count patched to 7 and to 132 the
+    reduce and the online step give the same bits (on CPU the interpreter path must not read it
+    at all)."""
     from types import SimpleNamespace
 
     real = torch.cuda.get_device_properties

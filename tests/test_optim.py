@@ -22,7 +22,7 @@ ADAMW_CASES = [
 
 @pytest.mark.parametrize("kwargs", ADAMW_CASES)
 def test_step_matches_torch_adamw(kwargs):
-    """Same hyperparameters, same data: within 1e-5 relative after 100 steps (issue: HPA core 4)."""
+    """Same hyperparameters, same data: within 1e-5 relative after 100 steps."""
     torch.manual_seed(0)
     reference = TinyModel()
     ours = copy.deepcopy(reference)
@@ -328,7 +328,7 @@ def test_grad_scaler_skips_inf_step_on_cpu():
 @pytest.mark.parametrize("backend", ops.available_backends())
 def test_online_mode_keeps_its_invariants_after_every_step(backend):
     """HPAConfig(online=True): after every step the retained columns equal W_prev bit for bit and
-    ΔW = W − W_prev is Frobenius-orthogonal to W_prev (DESIGN.md § Kernels, the online step)."""
+    ΔW = W − W_prev is Frobenius-orthogonal to W_prev (the online step's two passes)."""
     torch.manual_seed(0)
     model = TinyModel(width=20)
     hpa = HPAConfig(online=True, refresh_every=3, p_max=0.3, p_min=0.2)

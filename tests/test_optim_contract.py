@@ -1,9 +1,11 @@
-"""HPAOptimizer keeps PyTorch's optimizer contract on every backend (issue 5, cases 1–11), and
-``end_task`` refuses bad input without losing anything.
+"""HPAOptimizer keeps PyTorch's optimizer contract on every backend — state dicts and resume,
+dtypes, parameters without gradients, AdamW options, GradScaler, master weights, memory layouts,
+which layers are edited, refused inputs, determinism, torch.compile, copies — and ``end_task``
+refuses bad input without losing anything.
 
 Every test runs on each backend of ``hpa_kernels.ops.available_backends()`` (evaluated when the
 tests are collected), on the device that backend runs on (CPU for "torch" and "cpu", and for
-"triton" under ``TRITON_INTERPRET=1``; CUDA otherwise). Each test names the case of issue 5 it pins.
+"triton" under ``TRITON_INTERPRET=1``; CUDA otherwise).
 """
 
 from __future__ import annotations
@@ -86,7 +88,7 @@ def _run_fixed_grads(optimizer, params, grads_per_step, scheduler=None):
 
 
 def _plain(value):
-    """True when ``value`` holds only tensors and plain Python values (case 1)."""
+    """True when ``value`` holds only tensors and plain Python values (what ``weights_only=True`` loads)."""
     if isinstance(value, dict):
         return all(isinstance(k, (str, int)) and _plain(v) for k, v in value.items())
     if isinstance(value, (list, tuple)):
@@ -94,7 +96,7 @@ def _plain(value):
     return value is None or isinstance(value, (Tensor, bool, int, float, str))
 
 
-# ---------------------------------------------------------------------------------------- case 1
+# ------------------------------------------------------------------------- resume from a state dict
 
 
 _RESUME_SCRIPT = textwrap.dedent(
@@ -130,7 +132,7 @@ _RESUME_SCRIPT = textwrap.dedent(
 
 
 def test_resume_in_a_fresh_process_is_bit_identical(tmp_path):
-    """Case 1: save mid-task, load with weights_only=True in a new process, continue: weights,
+    """Save mid-task, load with weights_only=True in a new process, continue: weights,
     state and the end-of-task edit equal the uninterrupted run bit for bit, on every backend."""
     checkpoints, expected = {}, {}
     for backend in BACKENDS:
@@ -173,7 +175,7 @@ def test_resume_in_a_fresh_process_is_bit_identical(tmp_path):
                 assert torch.equal(got["optim"]["state"][index][key], value), (backend, index, key)
 
 
-# ---------------------------------------------------------------------------------------- case 2
+# ------------------------------------------------------------- state dicts across dtypes and models
 
 
 def _open_task_state(dtype: torch.dtype, backend: str):
@@ -189,7 +191,7 @@ def _open_task_state(dtype: torch.dtype, backend: str):
 @each_backend
 @pytest.mark.parametrize("saved,loaded", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)])
 def test_loaded_state_keeps_its_dtypes_and_end_task_works(backend, saved, loaded):
-    """Case 2: state saved over one dtype, loaded over another: moments stay fp32, the snapshot
+    """State saved over one dtype, loaded over another: moments stay fp32, the snapshot
     keeps its dtype (not promoted or demoted), a bool mask stays bool; steps and the edit work."""
     device = _device(backend)
     model, optimizer = _open_task_state(saved, backend)
@@ -217,7 +219,7 @@ def test_loaded_state_keeps_its_dtypes_and_end_task_works(backend, saved, loaded
 
 @each_backend
 def test_torch_adamw_state_over_bf16_params_is_widened_to_fp32(backend):
-    """Case 2: torch.optim.AdamW keeps bf16 moments over bf16 parameters; loaded here they become
+    """torch.optim.AdamW keeps bf16 moments over bf16 parameters; loaded here they become
     fp32 (the kernels' contract, lossless) and the next step is AdamW's within bf16 rounding."""
     device = _device(backend)
     torch.manual_seed(0)
@@ -239,7 +241,7 @@ def test_torch_adamw_state_over_bf16_params_is_widened_to_fp32(backend):
 
 
 def test_state_of_another_model_is_refused_and_nothing_loaded():
-    """Case 2: a state dict whose tensors do not fit the parameters raises, naming the parameter."""
+    """A state dict whose tensors do not fit the parameters raises, naming the parameter."""
     device = torch.device("cpu")
     model, optimizer = _open_task_state(torch.float32, "torch")
     state_dict = optimizer.state_dict()
@@ -253,12 +255,12 @@ def test_state_of_another_model_is_refused_and_nothing_loaded():
     assert not wider_optimizer.in_task
 
 
-# ---------------------------------------------------------------------------------------- case 3
+# -------------------------------------------------------------------- parameters without a gradient
 
 
 @each_backend
 def test_param_without_grad_is_not_touched(backend):
-    """Case 3: a parameter with ``grad is None`` this step gets no decay, no state or step-count
+    """A parameter with ``grad is None`` this step gets no decay, no state or step-count
     change — as torch.optim.AdamW — while its neighbours in the group are stepped."""
     device = _device(backend)
     torch.manual_seed(0)
@@ -282,12 +284,12 @@ def test_param_without_grad_is_not_touched(backend):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
-# ---------------------------------------------------------------------------------------- case 4
+# -------------------------------------------------------------- AdamW options, closures, schedulers
 
 
 @each_backend
 def test_maximize_matches_torch_adamw(backend):
-    """Case 4: ``maximize=True`` ascends exactly as torch.optim.AdamW(maximize=True)."""
+    """``maximize=True`` ascends exactly as torch.optim.AdamW(maximize=True)."""
     device = _device(backend)
     torch.manual_seed(0)
     values = [torch.randn(6, 5), torch.randn(5)]
@@ -303,7 +305,7 @@ def test_maximize_matches_torch_adamw(backend):
 
 @each_backend
 def test_closure_is_reevaluated_with_grad_and_its_loss_returned(backend):
-    """Case 4: ``step(closure)`` calls the closure once under enable_grad, steps on the gradients
+    """``step(closure)`` calls the closure once under enable_grad, steps on the gradients
     it produced and returns its loss — as torch.optim.AdamW."""
     device = _device(backend)
     torch.manual_seed(0)
@@ -335,7 +337,7 @@ def test_closure_is_reevaluated_with_grad_and_its_loss_returned(backend):
 
 @each_backend
 def test_tensor_lr_follows_a_scheduler_as_torch_adamw(backend):
-    """Case 4: a 0-d tensor ``lr`` changed in place by a scheduler gives AdamW's steps."""
+    """A 0-d tensor ``lr`` changed in place by a scheduler gives AdamW's steps."""
     device = _device(backend)
     torch.manual_seed(0)
     values = [torch.randn(4, 4)]
@@ -352,7 +354,7 @@ def test_tensor_lr_follows_a_scheduler_as_torch_adamw(backend):
 
 @pytest.mark.parametrize("key", ["amsgrad", "foreach", "fused", "capturable", "differentiable", "momentum"])
 def test_unsupported_adamw_options_are_refused_at_construction(key):
-    """Case 4: an AdamW option HPAOptimizer does not implement is refused, never ignored."""
+    """An AdamW option HPAOptimizer does not implement is refused, never ignored."""
     with pytest.raises(ValueError, match=f"unknown param group keys.*{key}"):
         HPAOptimizer([{"params": [nn.Parameter(torch.zeros(2))], key: True}])
     with pytest.raises(TypeError):
@@ -369,7 +371,7 @@ def test_param_groups_given_as_generators_keep_every_parameter():
     ]
 
 
-# ---------------------------------------------------------------------------------------- case 5
+# -------------------------------------------------------------------------- GradScaler and autocast
 
 
 def _amp_setup(backend, seed=0):
@@ -391,7 +393,7 @@ def _amp_backward(model, tokens, labels, scaler=None, dtype=torch.bfloat16):
 @pytest.mark.parametrize("bad", ["inf", "nan"])
 @pytest.mark.parametrize("unscale_first", [False, True])
 def test_grad_scaler_skip_changes_nothing(backend, bad, unscale_first):
-    """Case 5: under bf16 autocast with GradScaler, an inf/NaN gradient leaves parameters, moments,
+    """Under bf16 autocast with GradScaler, an inf/NaN gradient leaves parameters, moments,
     step counts, snapshots and statistics bitwise unchanged, and the scaler backs off."""
     device = _device(backend)
     model, optimizer = _amp_setup(backend)
@@ -418,7 +420,7 @@ def test_grad_scaler_skip_changes_nothing(backend, bad, unscale_first):
 @each_backend
 @pytest.mark.parametrize("unscale_first", [False, True])
 def test_grad_scaler_unscales_exactly_once(backend, unscale_first):
-    """Case 5: a scaled step (with or without a prior ``scaler.unscale_``) equals the unscaled one:
+    """A scaled step (with or without a prior ``scaler.unscale_``) equals the unscaled one:
     the power-of-two scale is divided out once — not zero times, not twice. A large ε makes the
     AdamW update depend on the gradient's scale."""
     device = _device(backend)
@@ -442,7 +444,7 @@ def test_grad_scaler_unscales_exactly_once(backend, unscale_first):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
 
 
-# ---------------------------------------------------------------------------------------- case 6
+# ------------------------------------------------------ low-precision parameters and master weights
 
 
 def _small_update_setup(dtype=torch.bfloat16):
@@ -456,7 +458,7 @@ def _small_update_setup(dtype=torch.bfloat16):
 
 @each_backend
 def test_bf16_updates_below_resolution_are_lost_without_master_weights(backend):
-    """Case 6 (documented behaviour): without master weights a bf16 update smaller than half an
+    """Documented behaviour: without master weights a bf16 update smaller than half an
     ulp is rounded away — the parameter does not move — and the constructor warns about it."""
     device = _device(backend)
     value, grads = _small_update_setup()
@@ -470,7 +472,7 @@ def test_bf16_updates_below_resolution_are_lost_without_master_weights(backend):
 
 @each_backend
 def test_bf16_master_weights_accumulate_small_updates(backend):
-    """Case 6: with master weights the fp32 copy follows fp32 AdamW on the same gradients, and
+    """With master weights the fp32 copy follows fp32 AdamW on the same gradients, and
     the bf16 parameter is its rounding, so the small updates are kept."""
     device = _device(backend)
     value, grads = _small_update_setup()
@@ -490,7 +492,7 @@ def test_bf16_master_weights_accumulate_small_updates(backend):
 
 @each_backend
 def test_master_weights_hpa_edit_acts_on_the_fp32_copy(backend):
-    """Case 6: with master weights, W_prev and W_new are the fp32 copies, the edit writes Ŵ into
+    """With master weights, W_prev and W_new are the fp32 copies, the edit writes Ŵ into
     the copy and round(Ŵ) into the bf16 parameter; retained columns return to the task's start."""
     device = _device(backend)
     torch.manual_seed(0)
@@ -520,7 +522,7 @@ def test_master_weights_hpa_edit_acts_on_the_fp32_copy(backend):
 @each_backend
 @pytest.mark.parametrize("master_weights", [False, True])
 def test_fp16_with_eps_1e_8_stays_finite(backend, master_weights):
-    """Case 6: fp16 parameters with eps=1e-8 (which underflows in fp16): zero, tiny and huge
+    """fp16 parameters with eps=1e-8 (which underflows in fp16): zero, tiny and huge
     gradients give no NaN and no Inf — the math is fp32."""
     device = _device(backend)
     torch.manual_seed(0)
@@ -539,7 +541,7 @@ def test_fp16_with_eps_1e_8_stays_finite(backend, master_weights):
     assert not torch.equal(param[2], initial[2])
 
 
-# ---------------------------------------------------------------------------------------- case 7
+# ----------------------------------------------------------------------------------- memory layouts
 
 
 def _bmm_weight(device):
@@ -576,7 +578,7 @@ def _zero_element_mix(device):
 @each_backend
 @pytest.mark.parametrize("make", [_bmm_weight, _column_slice, _channels_last_conv, _zero_element_mix])
 def test_layouts_give_the_result_of_contiguous_copies(backend, make):
-    """Case 7: odd gradient strides, non-contiguous gradients, channels_last weights and
+    """Odd gradient strides, non-contiguous gradients, channels_last weights and
     zero-element parameters in one group: bit-equal to contiguous copies, AdamW's result, and the
     parameters keep their layout."""
     device = _device(backend)
@@ -598,7 +600,7 @@ def test_layouts_give_the_result_of_contiguous_copies(backend, make):
         torch.testing.assert_close(p, t, rtol=1e-5, atol=1e-7)
 
 
-# ---------------------------------------------------------------------------------------- case 8
+# -------------------------------------------------------------------------- which layers are edited
 
 
 class _ConvBlock(nn.Module):
@@ -631,7 +633,7 @@ class _MixedModel(nn.Module):
 
 @each_backend
 def test_only_managed_linears_are_edited(backend):
-    """Case 8: 1-D and 0-D parameters, conv weights, embeddings and the head get plain AdamW steps
+    """1-D and 0-D parameters, conv weights, embeddings and the head get plain AdamW steps
     (as with HPA disabled) and are never edited; the managed block Linears are."""
     device = _device(backend)
     runs = {}
@@ -657,7 +659,7 @@ def test_only_managed_linears_are_edited(backend):
 
 
 def test_naming_a_non_linear_layer_is_refused():
-    """Case 8: an embedding or conv is edited only if named, and naming it is refused (not Linear)."""
+    """An embedding or conv is edited only if named, and naming it is refused (not Linear)."""
     for name in ("embed", "blocks.0.conv"):
         with pytest.raises(ValueError, match=name):
             HPAOptimizer.from_model(_MixedModel(), hpa=HPAConfig(extra_layers=(name,)))
@@ -665,7 +667,7 @@ def test_naming_a_non_linear_layer_is_refused():
 
 @each_backend
 def test_zero_w_prev_gives_coef_zero_and_untrained_layer_is_unchanged(backend):
-    """Case 8: a managed layer whose W_prev is all zeros gets coef 0 (not NaN); a managed layer that
+    """A managed layer whose W_prev is all zeros gets coef 0 (not NaN); a managed layer that
     received no gradient during the task is left exactly as it was."""
     device = _device(backend)
     torch.manual_seed(0)
@@ -687,7 +689,7 @@ def test_zero_w_prev_gives_coef_zero_and_untrained_layer_is_unchanged(backend):
     assert torch.equal(frozen, before) and report["blocks.2.k"].coef == 0.0
 
 
-# ---------------------------------------------------------------------------------------- case 9
+# ----------------------------------------------------------------- parameters and gradients refused
 
 
 class _ComplexModel(nn.Module):
@@ -698,7 +700,7 @@ class _ComplexModel(nn.Module):
 
 
 def test_complex_parameters_are_refused_by_name():
-    """Case 9: a complex parameter is refused at construction, named, before any state exists."""
+    """A complex parameter is refused at construction, named, before any state exists."""
     with pytest.raises(ValueError, match="'rotation'.*complex"):
         HPAOptimizer.from_model(_ComplexModel())
     with pytest.raises(ValueError, match="'phase'.*complex"):
@@ -711,7 +713,7 @@ def test_complex_parameters_are_refused_by_name():
 
 @each_backend
 def test_sparse_gradient_is_refused_by_name_before_any_state_change(backend):
-    """Case 9: a sparse gradient raises TypeError naming the parameter; nothing is stepped, in any
+    """A sparse gradient raises TypeError naming the parameter; nothing is stepped, in any
     group, and no state is created."""
     device = _device(backend)
     torch.manual_seed(0)
@@ -731,7 +733,7 @@ def test_sparse_gradient_is_refused_by_name_before_any_state_change(backend):
 
 @each_backend
 def test_float64_parameter_is_stepped_or_refused_before_any_state_change(backend):
-    """Case 9's kind: a parameter dtype the backend cannot step (float64 outside the "torch"
+    """A parameter dtype the backend cannot step (float64 outside the "torch"
     reference) is refused with a TypeError naming it, before any parameter or state changes."""
     device = _device(backend)
     torch.manual_seed(0)
@@ -752,12 +754,12 @@ def test_float64_parameter_is_stepped_or_refused_before_any_state_change(backend
     assert torch.equal(first, before[0]) and torch.equal(double, before[1]) and len(optimizer.state) == 0
 
 
-# ---------------------------------------------------------------------------------------- case 10
+# -------------------------------------------------------------------------------------- determinism
 
 
 @each_backend
 def test_same_seed_gives_bit_identical_weights_and_edits(backend):
-    """Case 10: two runs from the same seed and inputs: bit-identical weights, state and reports."""
+    """Two runs from the same seed and inputs: bit-identical weights, state and reports."""
     device = _device(backend)
     results = []
     for _ in range(2):
@@ -771,7 +773,7 @@ def test_same_seed_gives_bit_identical_weights_and_edits(backend):
     assert results[0][2] == results[1][2]
 
 
-# ---------------------------------------------------------------------------------------- case 11
+# ------------------------------------------------------------------------------------ torch.compile
 
 
 def _mlp():
@@ -781,7 +783,7 @@ def _mlp():
 
 @each_backend
 def test_compiled_training_step_matches_eager_without_recompiles(backend):
-    """Case 11: a training step compiled with torch.compile — the optimizer step inside the compiled
+    """A training step compiled with torch.compile — the optimizer step inside the compiled
     function, or outside it with the model compiled — gives eager's weights within fp32 tolerance,
     and a 20-step learning-rate schedule (on a tensor lr, and on a float lr) causes no recompilation.
     HPAOptimizer.step is deliberately not traced (``torch._disable_dynamo``): a graph break."""
@@ -906,15 +908,15 @@ def test_retry_after_a_failed_write_completes_the_edit_exactly_once(backend, res
     _assert_bitwise(_weights(reference_model), _weights(model))
 
 
-# ---------------------------------------------------------------------------------------- issue 13
+# ----------------------------------------------- copies, scheduler state, tied parameters, adapters
 
 
 @each_backend
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
 def test_copied_optimizer_works_and_matches_the_original(backend, how):
-    """Issue 13: ``copy.deepcopy`` / ``pickle`` of an HPAOptimizer mid-task lost its HPA attributes
-    (``AttributeError: ... 'backend'`` on the next step). A copy of (model, optimizer) must step and
-    end the task bit-identically to the original."""
+    """``copy.deepcopy`` / ``pickle`` of an HPAOptimizer mid-task keeps its HPA attributes (the
+    backend, the managed layers, the open task): a copy of (model, optimizer) steps and ends the
+    task bit-identically to the original, and the optimizer copied alone steps."""
     import pickle
 
     device = _device(backend)
@@ -944,9 +946,9 @@ def test_copied_optimizer_works_and_matches_the_original(backend, how):
 
 @pytest.mark.parametrize("scheduler", ["OneCycleLR", "SWALR"])
 def test_state_dicts_with_scheduler_group_keys_load_as_into_adamw(scheduler):
-    """Issue 13: a state dict saved after OneCycleLR (``base_momentum``, ``max_momentum``,
-    ``initial_lr``, ``max_lr``, ``min_lr``) or SWALR (``swa_lr``) was refused; torch.optim.AdamW
-    loads both. The keys are kept, so the scheduler resumes; steps then match torch's."""
+    """A state dict saved after OneCycleLR (``base_momentum``, ``max_momentum``, ``initial_lr``,
+    ``max_lr``, ``min_lr``) or SWALR (``swa_lr``) loads, as into torch.optim.AdamW: the keys are
+    kept, so the scheduler resumes, and steps then match torch's."""
     from torch.optim.swa_utils import SWALR
 
     def make(opt):
@@ -987,8 +989,8 @@ def test_state_dicts_with_scheduler_group_keys_load_as_into_adamw(scheduler):
 
 
 def test_a_tensor_listed_twice_is_refused_by_name():
-    """Issue 13: the same tensor listed twice (tied embeddings and heads) was stepped twice.
-    It is refused, naming it, in a plain list and in (name, parameter) pairs."""
+    """The same tensor listed twice (tied embeddings and heads) would be stepped twice: it is
+    refused, naming it, in a plain list and in (name, parameter) pairs."""
     weight = nn.Parameter(torch.zeros(3, 2))
     with pytest.raises(ValueError, match="listed twice"):
         HPAOptimizer([weight, nn.Parameter(torch.zeros(2)), weight])
@@ -997,9 +999,9 @@ def test_a_tensor_listed_twice_is_refused_by_name():
 
 
 def test_nan_in_a_lora_adapter_leaves_every_weight_as_it_was():
-    """Issue 13: ``end_task`` on a PEFT model merged and reset the adapters before the plan was
-    checked; with a NaN in one adapter it raised, but base weights had changed and one held the NaN.
-    Now it raises with every base weight and adapter bitwise as it was, and succeeds once fixed."""
+    """``end_task`` on a PEFT model checks the plan before it merges and resets the adapters: with
+    a NaN in one adapter it raises with every base weight and adapter bitwise as it was, and
+    succeeds once fixed."""
     pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
     from helpers import tiny_llama

@@ -1,4 +1,4 @@
-"""Kernel dispatch: one signature per op, one module per backend (DESIGN.md § Kernels).
+"""Kernel dispatch: one signature per op, one module per backend.
 
 Backends:
 
@@ -240,7 +240,7 @@ def online_step(
     orthogonal: bool = True,
     backend: str = "auto",
 ) -> Tensor:
-    """One training step of a managed layer in HPA's online mode (DESIGN.md § Kernels), in place.
+    """One training step of a managed layer in HPA's online mode, in place.
 
     With W the parameter before the step, W_prev the task's snapshot, M the column mask
     (True = retained, HPA_SPEC.md Step 2) and W_a the AdamW result of :func:`adamw_step` on W:

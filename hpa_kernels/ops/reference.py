@@ -1,8 +1,8 @@
 """Plain PyTorch backend (``"torch"``): the ground truth every other backend is tested against.
 
-Written as the simple loop of DESIGN.md § Kernels: clear, not fast. Math is fp32 whatever the
-storage dtype (AdamW) and fp64 for the HPA reductions, rounded once at the end. Given float64
-tensors, every op computes in float64: the tests' ground truth is this module on float64 copies.
+Written as simple loops: clear, not fast. Math is fp32 whatever the storage dtype (AdamW) and
+fp64 for the HPA reductions, rounded once at the end. Given float64 tensors, every op computes in
+float64: the tests' ground truth is this module on float64 copies.
 """
 
 from __future__ import annotations

@@ -108,7 +108,7 @@ struct Storage<kF16> {
 };
 
 // 64-bit element offset of (i, j) in a strided 2-D matrix. All index arithmetic in the kernels is
-// int64 (issue 3: a tensor past 2^31 elements is updated whole); tests check it with huge sizes.
+// int64, so a tensor past 2^31 elements is updated whole; tests check it with huge sizes.
 HPA_HD int64_t offset2d(int64_t i, int64_t j, int64_t stride0, int64_t stride1) {
   return i * stride0 + j * stride1;
 }
