@@ -68,12 +68,30 @@ def resolve_backend(backend: str, device: torch.device | None = None) -> str:
     With ``device=None`` only the name and its availability are checked (``"auto"`` → ``"auto"``
     is not returned: it resolves as for a CPU device).
 
+    Every op call resolves its ``backend``, so this is on the path of every step: the result is
+    cached per (name, device), the name being ``HPA_KERNELS_BACKEND`` (read on every call) in
+    place of ``"auto"``, and for ``"triton"`` also whether ``TRITON_INTERPRET=1``. What a backend
+    needs (compiled modules, triton, a GPU) is fixed once :mod:`hpa_kernels.ops` is imported.
+    Refusals are not cached: each call with a bad name or device raises again.
+
     Raises:
         ValueError: unknown backend name, one not available on this machine, or one that cannot run
             on ``device`` (e.g. ``"cuda"`` for CPU tensors).
     """
     if backend == "auto":
         backend = os.environ.get("HPA_KERNELS_BACKEND", "auto") or "auto"
+    key = (backend, device, backend == "triton" and _triton_runs_on_cpu())
+    name = _RESOLVED.get(key)
+    if name is None:
+        name = _RESOLVED[key] = _resolve(backend, device)
+    return name
+
+
+_RESOLVED: dict[tuple[str, torch.device | None, bool], str] = {}
+
+
+def _resolve(backend: str, device: torch.device | None) -> str:
+    """:func:`resolve_backend` uncached, ``backend`` already read from the environment for "auto"."""
     if backend == "auto":
         device_type = "cpu" if device is None else device.type
         if device_type == "cuda":
@@ -93,9 +111,11 @@ def _module(backend: str, device: torch.device) -> Any:
     name = resolve_backend(backend, device)
     if name == "torch":
         return reference
-    if name == "triton":
-        return importlib.import_module(".triton_kernels", __name__)
-    return native.cpu if name == "cpu" else native.cuda
+    if name == "cpu":
+        return native.cpu
+    if name == "cuda":
+        return native.cuda
+    return importlib.import_module(".triton_kernels", __name__)
 
 
 def adamw_step(
