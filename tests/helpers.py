@@ -63,6 +63,19 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, batches) -> None:
         optimizer.step()
 
 
+def run_task(model: nn.Module, optimizer: HPAOptimizer, seed: int, device="cpu", steps: int = 4, task_batches: int = 2):
+    """One HPA task: safety calibration (2 batches), ``steps`` training steps, task calibration
+    (``task_batches`` batches), edit; returns ``end_task``'s report. Batches from seeds ``seed``,
+    ``seed + 1``, ``seed + 2``, on ``device``."""
+
+    def batches(count: int, batch_seed: int):
+        return [(tokens.to(device), labels.to(device)) for tokens, labels in random_batches(count, seed=batch_seed)]
+
+    optimizer.begin_task(calibrate(model, optimizer, batches(2, seed)))
+    train(model, optimizer, batches(steps, seed + 1))
+    return optimizer.end_task(calibrate(model, optimizer, batches(task_batches, seed + 2)))
+
+
 def tiny_llama(vocab: int, seed: int = 0) -> nn.Module:
     """A 3-block Llama built from a config (no hub), for the Hugging Face integration tests."""
     import transformers

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TinyModel, calibrate, random_batches, train
+from helpers import TinyModel, calibrate, random_batches, run_task, train
 from torch import Tensor, nn
 
 from hpa_kernels import HPAConfig, HPAOptimizer, ops
@@ -68,13 +68,6 @@ def _weights(model: nn.Module) -> dict[str, Tensor]:
 
 def _batches(count: int, seed: int, device: torch.device):
     return [(tokens.to(device), labels.to(device)) for tokens, labels in random_batches(count, seed=seed)]
-
-
-def _task(model, optimizer, seed, device, steps=4):
-    """One HPA task: safety calibration, training, task calibration, edit."""
-    optimizer.begin_task(calibrate(model, optimizer, _batches(2, seed, device)))
-    train(model, optimizer, _batches(steps, seed + 1, device))
-    return optimizer.end_task(calibrate(model, optimizer, _batches(2, seed + 2, device)))
 
 
 def _run_fixed_grads(optimizer, params, grads_per_step, scheduler=None):
@@ -329,6 +322,7 @@ def test_closure_is_reevaluated_with_grad_and_its_loss_returned(backend):
         with torch.no_grad():
             losses = [optimizer.step(closure) for _ in range(3)]
         assert calls == [True, True, True]
+        assert all(isinstance(loss, Tensor) and loss.requires_grad for loss in losses)
         results.append([float(loss.detach()) for loss in losses])
     assert results[0] == pytest.approx(results[1], rel=1e-6)
     for a, b in zip(ours.parameters(), theirs.parameters()):
@@ -498,7 +492,7 @@ def test_master_weights_hpa_edit_acts_on_the_fp32_copy(backend):
     torch.manual_seed(0)
     model = TinyModel(width=16).to(device=device, dtype=torch.bfloat16)
     optimizer = HPAOptimizer.from_model(model, lr=1e-2, backend=backend, master_weights=True)
-    _task(model, optimizer, 60, device)  # a first task creates the master copies
+    run_task(model, optimizer, 60, device)  # a first task creates the master copies
     train(model, optimizer, _batches(1, 64, device))
     optimizer.begin_task(calibrate(model, optimizer, _batches(2, 65, device)))
     layers = optimizer.hpa_layers
@@ -705,6 +699,8 @@ def test_complex_parameters_are_refused_by_name():
         HPAOptimizer.from_model(_ComplexModel())
     with pytest.raises(ValueError, match="'phase'.*complex"):
         HPAOptimizer([("w", nn.Parameter(torch.ones(2))), ("phase", nn.Parameter(torch.ones(2, dtype=torch.cfloat)))])
+    with pytest.raises(ValueError, match="complex"):
+        HPAOptimizer([nn.Parameter(torch.zeros(2, dtype=torch.complex64))])
     optimizer = HPAOptimizer([nn.Parameter(torch.ones(2))])
     with pytest.raises(ValueError, match="complex"):
         optimizer.add_param_group({"params": [nn.Parameter(torch.ones(2, dtype=torch.complex128))]})
@@ -714,8 +710,15 @@ def test_complex_parameters_are_refused_by_name():
 @each_backend
 def test_sparse_gradient_is_refused_by_name_before_any_state_change(backend):
     """A sparse gradient raises TypeError naming the parameter; nothing is stepped, in any
-    group, and no state is created."""
+    group, and no state is created — on a first step (a sparse ``nn.Embedding``) as on a later one."""
     device = _device(backend)
+    dense = nn.Parameter(torch.ones(4, device=device))
+    embedding = nn.Embedding(5, 2, sparse=True).to(device)
+    first = HPAOptimizer([dense, *embedding.parameters()], backend=backend)
+    (dense.sum() + embedding(torch.tensor([1, 2], device=device)).sum()).backward()
+    with pytest.raises(TypeError, match="sparse"):
+        first.step()
+    assert len(first.state) == 0 and torch.equal(dense.cpu(), torch.ones(4))
     torch.manual_seed(0)
     model = TinyModel().to(device)
     optimizer = HPAOptimizer.from_model(model, lr=1e-2, backend=backend)
@@ -766,7 +769,7 @@ def test_same_seed_gives_bit_identical_weights_and_edits(backend):
         torch.manual_seed(0)
         model = TinyModel().to(device)
         optimizer = HPAOptimizer.from_model(model, lr=1e-2, backend=backend)
-        reports = [_task(model, optimizer, 100 + 10 * t, device) for t in range(2)]
+        reports = [run_task(model, optimizer, 100 + 10 * t, device) for t in range(2)]
         results.append((_weights(model), _state_of(optimizer), reports))
     _assert_bitwise(results[0][0], results[1][0])
     _assert_bitwise(results[0][1], results[1][1])
@@ -877,6 +880,7 @@ def test_retry_after_a_failed_write_completes_the_edit_exactly_once(backend, res
     reference = HPAOptimizer.from_model(reference_model, lr=1e-2, backend=backend)
     reference.load_state_dict(optimizer.state_dict())
     expected_report = reference.end_task(task)
+    w_new = {n: layer.module.weight.detach().clone() for n, layer in optimizer.hpa_layers.items()}
 
     real_apply, calls = ops.hpa_apply, []
 
@@ -891,6 +895,9 @@ def test_retry_after_a_failed_write_completes_the_edit_exactly_once(backend, res
         optimizer.end_task(task)
     names = list(optimizer.hpa_layers)
     assert error.value.edited == names[:3] and error.value.untouched == names[3:]
+    for name in names:
+        edited = not torch.equal(optimizer.hpa_layers[name].module.weight, w_new[name])
+        assert edited == (name in names[:3]), name
     assert optimizer.in_task
     monkeypatch.setattr(ops, "hpa_apply", real_apply)
     if resume:
