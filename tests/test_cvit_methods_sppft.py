@@ -53,17 +53,26 @@ def test_safety_layer_range_odd_lengths():
 @pytest.mark.parametrize(
     "gap",
     [
-        torch.tensor([0.5, 0.4, 0.3]),  # only falls: maximum at the first layer
-        torch.tensor([0.2, 0.2, 0.2]),  # flat
-        torch.tensor([0.3]),  # one layer
         torch.tensor([0.0, float("nan"), 1.0]),
         torch.zeros(2, 3),
         torch.zeros(0),
     ],
 )
-def test_safety_layer_range_rejects_curves_without_a_rise(gap):
+def test_safety_layer_range_rejects_malformed_curves(gap):
     with pytest.raises(ValueError):
         safety_layer_range(gap)
+
+
+@pytest.mark.parametrize(
+    "gap",
+    [
+        torch.tensor([0.5, 0.4, 0.3]),  # only falls: maximum at the first layer
+        torch.tensor([0.2, 0.2, 0.2]),  # flat
+        torch.tensor([0.3]),  # one layer
+    ],
+)
+def test_safety_layer_range_finds_none_without_a_rise(gap):
+    assert safety_layer_range(gap) is None
 
 
 @pytest.mark.parametrize("low, high", [(0.9, 0.1), (0.5, 0.5), (-0.1, 0.9), (0.1, 1.5)])

@@ -54,12 +54,14 @@ Defaults and decisions:
 * The layers are located once, on the aligned dense model (``before_tasks``), and stay frozen for
   every task of the sequence: the paper tunes one task; the safety layers are a property of the
   aligned model.
-* Rise fractions 10% and 90% [decision, see above]; a gap that never rises (its maximum at or
-  before its minimum) is an error: then the model shows no safety layers to freeze.
+* Rise fractions 10% and 90% [decision, see above]. [decision] A gap that never rises (its
+  maximum at or before its minimum) means the model shows no safety layers: nothing is frozen, a
+  warning says so, and ``describe()`` reports an empty ``safety_layers`` with the curve.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import replace
 
 import torch
@@ -147,7 +149,7 @@ def similarity_gap(normal: Tensor, malicious: Tensor) -> tuple[Tensor, Tensor, T
     return c_nn - c_nm, c_nn, c_nm
 
 
-def safety_layer_range(gap: Tensor, low: float = GAP_RISE[0], high: float = GAP_RISE[1]) -> tuple[int, int]:
+def safety_layer_range(gap: Tensor, low: float = GAP_RISE[0], high: float = GAP_RISE[1]) -> tuple[int, int] | None:
     """The safety layers: the blocks over which the gap rises from ``low`` to ``high`` of its rise.
 
     With l* = argmax g (first maximum), b = g(l_b) = min of g over 0 … l* (first minimum) and
@@ -159,11 +161,12 @@ def safety_layer_range(gap: Tensor, low: float = GAP_RISE[0], high: float = GAP_
         low, high: fractions of the rise, 0 ≤ low < high ≤ 1.
 
     Returns:
-        ``(first, last)``: the safety layers are blocks first … last (inclusive), first ≤ last ≤ l*.
+        ``(first, last)``: the safety layers are blocks first … last (inclusive), first ≤ last ≤ l*;
+        ``None`` when the gap never rises (its maximum at or before its minimum: no safety layers,
+        the paper's premise does not hold on this model and data).
 
     Raises:
-        ValueError: ``gap`` not 1-D or with non-finite values, bad fractions, or a gap that never
-            rises (its maximum at or before its minimum: no safety layers).
+        ValueError: ``gap`` not 1-D or with non-finite values, or bad fractions.
     """
     if gap.dim() != 1 or gap.numel() == 0 or not torch.isfinite(gap).all():
         raise ValueError(f"safety_layer_range: expected a finite 1-D gap curve, got shape {tuple(gap.shape)}")
@@ -174,7 +177,7 @@ def safety_layer_range(gap: Tensor, low: float = GAP_RISE[0], high: float = GAP_
     base_at = int(torch.argmin(g[: peak + 1]))
     base, rise = float(g[base_at]), float(g[peak] - g[base_at])
     if rise <= 0.0:
-        raise ValueError(f"safety_layer_range: the gap never rises (maximum at layer {peak}): {gap.tolist()}")
+        return None
     first = next(i for i in range(base_at, peak + 1) if float(g[i]) >= base + low * rise)
     last = next(i for i in range(first, peak + 1) if float(g[i]) >= base + high * rise)
     return first, last
@@ -238,8 +241,14 @@ class SPPFT(Method):
         normal = last_position_states(run.chat, run.benign_prompts)
         malicious = last_position_states(run.chat, [prompt for prompt, _ in run.safety_pairs])
         gap, c_nn, c_nm = similarity_gap(normal, malicious)
-        first, last = safety_layer_range(gap, self.low, self.high)
-        self.blocks = range(first, last + 1)
+        located = safety_layer_range(gap, self.low, self.high)
+        if located is None:
+            warnings.warn(
+                "SPPFT: the cosine gap between normal-normal and normal-malicious prompt pairs never rises "
+                "across depth on this model; no safety layers are frozen (SPPFT acts as SeqFT)",
+                stacklevel=2,
+            )
+        self.blocks = range(0) if located is None else range(located[0], located[1] + 1)
         n, m = normal.shape[1], malicious.shape[1]
         self.pairs = {"normal_normal": n * (n - 1) // 2, "normal_malicious": n * m}
         self.curves = {"gap": gap.tolist(), "cos_normal_normal": c_nn.tolist(), "cos_normal_malicious": c_nm.tolist()}
