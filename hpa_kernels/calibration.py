@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .distributed import all_reduce_calibration, resolve_group
+from .distributed import all_reduce_calibration, broadcast_vectors_from_first, local_tensor, resolve_group
 from .functional import hinv_diagonal
 from .layers import LANGUAGE_PARTS, _within, find_block_stacks, in_features, is_linear, stack_parts
 
@@ -116,7 +116,9 @@ class HessianCollector:
             one rank, ``True`` always, ``False`` never. When it applies, the first call of
             :meth:`hessian`, :meth:`hinv` or :meth:`num_tokens` is collective (every rank calls it,
             each after its own share of the calibration batches; a rank may have none), and the
-            collector accepts no further forwards. See :mod:`hpa_kernels.distributed`.
+            collector accepts no further forwards. Every call of :meth:`hinv` is then collective
+            too: it returns the group's first rank's vectors, bit-identical on every rank, so that
+            every rank selects the same columns. See :mod:`hpa_kernels.distributed`.
         process_group: the data-parallel group (default: the whole world).
 
     Raises:
@@ -167,6 +169,7 @@ class HessianCollector:
         self._all_reduce = all_reduce
         self._process_group = process_group
         self._reduced = False
+        self._reduce_group: Any | None = None  # the group all-reduced over, once synced
 
     def __enter__(self) -> HessianCollector:
         if self._handles:
@@ -321,6 +324,7 @@ class HessianCollector:
                 merged[lead] = _Group()
                 merged[lead].xtx, merged[lead].tokens = xtx[lead], tokens[lead]
             self._group_of[name] = merged[lead]
+        self._reduce_group = group
         self._reduced = True
 
     def num_tokens(self, name: str) -> int:
@@ -365,15 +369,60 @@ class HessianCollector:
                 damping λ = damping·mean(diag H) makes it positive definite, and a column that
                 never saw a non-zero input gets exactly 1/λ (:func:`hinv_diagonal`). Never NaN.
         """
-        done: dict[int, Tensor] = {}
-        result: dict[str, Tensor] = {}
+        self._sync()
+        group = self._reduce_group
+        # One slot per distinct input (layers sharing it share the vector), in layer order. With a
+        # group, a slot that fails here is kept for after the broadcast: every rank must take part.
+        slots: dict[object, str] = {}
+        done: dict[object, Tensor] = {}
+        failed: dict[object, tuple[ValueError, ValueError | None]] = {}
         for name in self._layers:
-            hessian = self.hessian(name)
-            key = id(self._group_of[name])
-            if key not in done:
+            owner = self._group_of.get(name)
+            key = name if owner is None else id(owner)
+            if key in slots:
+                continue
+            slots[key] = name
+            try:
+                hessian = self.hessian(name)
+            except ValueError as error:
+                failed[key] = (error, None)
+            else:
                 try:
                     done[key] = hinv_diagonal(hessian, damping)
                 except ValueError as error:
-                    raise ValueError(f"HessianCollector: layer {name!r}: {error}") from error
-            result[name] = done[key]
+                    failed[key] = (ValueError(f"HessianCollector: layer {name!r}: {error}"), error)
+            if key in failed and group is None:
+                raise failed[key][0] from failed[key][1]
+        if group is not None:
+            # diag(H⁻¹) decides the selection: the group's first rank's vectors on every rank, so
+            # that neither the all-reduce's bits nor this rank's factorisation can change a column.
+            # [decision] Broadcast here (c floats per input) rather than XᵀX after the all-reduce
+            # (c² floats, and the Cholesky factorisation would still run on every rank).
+            keys = list(slots)
+            devices = {key: done[key].device if key in done else self._device_of(slots[key]) for key in keys}
+            agreed = broadcast_vectors_from_first(
+                [done.get(key) for key in keys],
+                [in_features(self._layers[slots[key]]) for key in keys],
+                group,
+                devices[keys[0]] if keys else torch.device("cpu"),
+            )
+            for key, vector in zip(keys, agreed):
+                if vector is None:
+                    error, cause = failed.get(key) or (
+                        ValueError(
+                            f"HessianCollector: layer {slots[key]!r}: diag(H⁻¹) failed on the first rank of the "
+                            "process group"
+                        ),
+                        None,
+                    )
+                    raise error from cause
+                done[key] = vector.to(devices[key])
+        result: dict[str, Tensor] = {}
+        for name in self._layers:
+            owner = self._group_of.get(name)
+            result[name] = done[name if owner is None else id(owner)]
         return result
+
+    def _device_of(self, name: str) -> torch.device:
+        """Where layer ``name``'s statistics live: its weight's (local) device."""
+        return local_tensor(self._layers[name].weight).device

@@ -11,8 +11,18 @@ initialised, so single-process code never pays for it.
 * The edit (Steps 1–3) on DTensor weights sharded by rows (FSDP2 shards dim 0):
   :func:`plan_sharded_layers` reduces each rank's rows to the column energy **sums**
   Σᵢ ΔWᵢⱼ² (sums, not means, so uneven and empty shards add up), ⟨ΔW, W_prev⟩_F and ‖W_prev‖_F²,
-  all-reduces those c + 2 numbers per layer in one collective, and runs the selection on the
-  identical result on every rank; each rank then writes its own rows (:func:`local_tensor`).
+  all-reduces those c + 2 numbers per layer in one collective, runs the selection, and takes the
+  plan (mask, c_l, α_l) of the mesh's first rank; each rank then writes its own rows
+  (:func:`local_tensor`).
+* Same columns on every rank, by construction: nothing proves that an all-reduce hands every rank
+  the same bits (the reduction order of gloo, NCCL and MPI is theirs), nor that the linear algebra
+  after it does, so the last quantities a selection reads are broadcast from the group's first
+  rank: diag(H⁻¹) of the calibration (:meth:`HessianCollector.hinv`,
+  :func:`broadcast_vectors_from_first`) and the plan of each sharded layer
+  (:func:`plan_sharded_layers`), each c + O(1) numbers per layer in one broadcast per call (per
+  mesh dimension).
+  Replicated (DDP) layers plan locally on those broadcast vectors and on weights that DDP keeps
+  equal, with the one summation order of ``ops.hpa_reduce``, so their plans agree too.
 * The AdamW step is elementwise: it runs on each rank's local shard (:func:`local_tensor`).
 
 Checkpoints: ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` /
@@ -43,6 +53,8 @@ except ImportError:  # pragma: no cover - torch without distributed support
 __all__ = [
     "all_reduce_",
     "all_reduce_calibration",
+    "broadcast_from_first_",
+    "broadcast_vectors_from_first",
     "is_sharded",
     "local_tensor",
     "plan_sharded_layers",
@@ -89,6 +101,53 @@ def all_reduce_(tensor: Tensor, group: Any, op: Any = None) -> Tensor:
     """In-place ``torch.distributed.all_reduce`` (default op SUM) over ``group``; returns ``tensor``."""
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op is None else op, group=group)
     return tensor
+
+
+def broadcast_from_first_(tensor: Tensor, group: Any) -> Tensor:
+    """In-place ``torch.distributed.broadcast`` of the group's first rank's ``tensor``
+    (``dist.get_global_rank(group, 0)``) to every rank of ``group``; returns ``tensor``. Collective."""
+    device = _collective_device(group, tensor.device)
+    on_device = tensor.to(device)
+    dist.broadcast(on_device, src=dist.get_global_rank(group, 0), group=group)
+    return tensor.copy_(on_device) if on_device is not tensor else tensor
+
+
+def broadcast_vectors_from_first(
+    vectors: list[Tensor | None], sizes: list[int], group: Any, device: torch.device
+) -> list[Tensor | None]:
+    """The group's first rank's float32 vectors on every rank, in one broadcast. Collective.
+
+    Args:
+        vectors: this rank's vectors, ``vectors[i]`` of shape ``(sizes[i],)``, or ``None`` where
+            this rank has none (its computation failed).
+        sizes: the lengths, equal on every rank.
+        group: the process group.
+        device: where the results are put.
+
+    Returns:
+        The first rank's vectors (float32, on ``device``), ``None`` where that rank had none;
+        bit-identical on every rank.
+    """
+    count = len(sizes)
+    payload = torch.zeros(count + sum(sizes), dtype=torch.float32, device=_collective_device(group, device))
+    offset = count
+    for index, (vector, size) in enumerate(zip(vectors, sizes)):
+        if vector is not None:
+            if vector.shape != (size,):
+                raise ValueError(
+                    f"broadcast_vectors_from_first: vector {index} has shape {tuple(vector.shape)}, not ({size},)"
+                )
+            payload[index] = 1.0  # a flag: this vector exists on the sending rank
+            payload[offset : offset + size] = vector.to(payload)
+        offset += size
+    broadcast_from_first_(payload, group)
+    agreed: list[Tensor | None] = []
+    offset = count
+    for index, size in enumerate(sizes):
+        present = bool(payload[index] != 0)
+        agreed.append(payload[offset : offset + size].to(device=device, copy=True) if present else None)
+        offset += size
+    return agreed
 
 
 def _collective_device(group: Any, fallback: torch.device) -> torch.device:
@@ -158,6 +217,9 @@ def _row_groups(weight: Tensor, name: str) -> list[Any]:
     return groups
 
 
+_PLAN_HEADER = 6  # a broadcast plan: [succeeded, alpha, coef, |S|, |T|, |O|], then the c mask entries
+
+
 def plan_sharded_layers(
     layers: Mapping[str, tuple[Tensor, Tensor, Tensor, Tensor, float]],
     *,
@@ -176,8 +238,19 @@ def plan_sharded_layers(
 
         ε̄_j = (Σᵢ ΔWᵢⱼ² / r) / hinv_s[j],   ζ̄_j = (Σᵢ ΔWᵢⱼ² / r) / hinv_t[j]
 
-    as :func:`hpa_kernels.ops.hpa_reduce` computes them on the whole matrix. Every rank then runs
-    the same selection on the same numbers, so all ranks retain the same columns.
+    as :func:`hpa_kernels.ops.hpa_reduce` computes them on the whole matrix.
+
+    All ranks retain the same columns by construction: every rank runs the selection on its
+    all-reduced sums, then the plan of the mesh's first rank (coordinate 0 on every mesh
+    dimension) is broadcast over each mesh dimension in turn, packed per layer as c + 6 float64
+    (mask, α_l, c_l, |S|, |T|, |O|, and whether the selection succeeded), exact for all of them,
+    and every rank builds its :class:`LayerPlan` from those bits. [decision] The plan, not the
+    c + 2 sums it is computed from, is what is broadcast: it costs the same (c + O(1) numbers per
+    layer, one collective per mesh dimension for all the layers of a mesh) and makes the masks and
+    c_l equal whatever the ranks' hinv vectors or arithmetic, which broadcasting the sums would
+    leave to the hinv vectors being bit-identical. A rank whose own selection failed while the
+    first rank's succeeded takes the first rank's plan; where the first rank's failed, every rank
+    raises.
 
     Every rank must call this with the same layer names in the same order.
 
@@ -185,15 +258,16 @@ def plan_sharded_layers(
         layers: ``{name: (w_prev, w_new, hinv_safety, hinv_task, retain_ratio)}``; the weights are
             DTensors of global shape (r, c), placements ``Shard(0)`` or ``Replicate()`` on each
             mesh dimension (an empty local shard is fine); the hinv vectors plain (c,) float
-            tensors, identical on every rank (all-reduced calibration gives that).
+            tensors (the first rank's decide the plan).
         alpha_bounds, focus_multiplier, orthogonal, mode, backend: as
             :func:`hpa_kernels.functional.plan_layer_update`.
 
     Returns:
-        ``{name: LayerPlan}`` in the order of ``layers``; the (c,) bool masks are equal on every rank.
+        ``{name: LayerPlan}`` in the order of ``layers``; bit-identical on every rank of the mesh.
 
     Raises:
-        ValueError: a weight sharded along columns or partial, or mismatched shapes.
+        ValueError: a weight sharded along columns or partial, mismatched shapes, or a selection
+            that failed on the mesh's first rank (non-finite statistics), naming the layer.
     """
     buckets: dict[tuple[int, ...], list[str]] = {}
     groups_of: dict[tuple[int, ...], list[Any]] = {}
@@ -228,20 +302,71 @@ def plan_sharded_layers(
             all_reduce_(flat, group)
         for name, part in zip(names, flat.split([sums[name].numel() for name in names])):
             sums[name] = part
-    plans: dict[str, LayerPlan] = {}
+    payloads: dict[str, Tensor] = {}
+    failures: dict[str, ValueError] = {}
+    meshes: dict[tuple[int, ...], Any] = {}
+    mesh_buckets: dict[tuple[int, ...], list[str]] = {}
     for name, (_, w_new, hinv_safety, hinv_task, retain_ratio) in layers.items():
         columns, rows = w_new.shape[1], w_new.shape[0]
         packed = sums[name]
         energy = packed[:columns] / rows if rows > 0 else packed[:columns]
-        plans[name] = plan_from_scores(
-            (energy / hinv_safety.to(packed)).float(),
-            (energy / hinv_task.to(packed)).float(),
-            float(packed[columns]),
-            float(packed[columns + 1]),
-            retain_ratio,
-            alpha_bounds=alpha_bounds,
-            focus_multiplier=focus_multiplier,
-            orthogonal=orthogonal,
-            mode=mode,
-        )
+        payload = torch.zeros(_PLAN_HEADER + columns, dtype=torch.float64, device=packed.device)
+        try:
+            plan = plan_from_scores(
+                (energy / hinv_safety.to(packed)).float(),
+                (energy / hinv_task.to(packed)).float(),
+                float(packed[columns]),
+                float(packed[columns + 1]),
+                retain_ratio,
+                alpha_bounds=alpha_bounds,
+                focus_multiplier=focus_multiplier,
+                orthogonal=orthogonal,
+                mode=mode,
+            )
+        except ValueError as error:
+            failures[name] = error  # payload[0] stays 0: no plan
+        else:
+            payload[:_PLAN_HEADER] = torch.tensor(
+                [1.0, plan.alpha, plan.coef, plan.num_safety, plan.num_task, plan.num_shared], dtype=torch.float64
+            )
+            payload[_PLAN_HEADER:] = plan.mask.to(payload)
+        payloads[name] = payload
+        mesh = w_new.device_mesh
+        key = tuple(id(mesh.get_group(dim)) for dim in range(mesh.ndim))
+        meshes[key] = mesh
+        mesh_buckets.setdefault(key, []).append(name)
+    for key, names in mesh_buckets.items():  # every bucket on every rank, before any raise
+        flat = _broadcast_over_mesh_(torch.cat([payloads[name] for name in names]), meshes[key])
+        for name, part in zip(names, flat.split([payloads[name].numel() for name in names])):
+            payloads[name] = part
+    plans: dict[str, LayerPlan] = {}
+    for name, payload in payloads.items():
+        if not bool(payload[0] != 0):
+            local = failures.get(name)
+            reason = str(local) if local is not None else "the selection failed on the mesh's first rank"
+            raise ValueError(f"plan_sharded_layers: {name!r}: {reason}") from local
+        head = payload[:_PLAN_HEADER].tolist()
+        plans[name] = LayerPlan(payload[_PLAN_HEADER:] != 0, head[1], head[2], int(head[3]), int(head[4]), int(head[5]))
     return plans
+
+
+def _broadcast_over_mesh_(tensor: Tensor, mesh: Any) -> Tensor:
+    """Every rank of ``mesh`` gets the ``tensor`` of the rank at coordinate 0 on every dimension:
+    one broadcast per dimension of more than one rank, each from the line's rank at coordinate 0
+    of that dimension. After dimension d, ``tensor`` no longer depends on coordinate d, so after
+    the last it is one value. (The source is taken from the mesh, not as the group's first rank:
+    a mesh may number its ranks in any order, and a line's lowest rank need not sit at
+    coordinate 0.) In place; returns ``tensor``. Collective over the mesh."""
+    coordinate = mesh.get_coordinate()
+    for dim in range(mesh.ndim):
+        group = mesh.get_group(dim)
+        if dist.get_world_size(group) == 1:
+            continue
+        index = list(coordinate)
+        index[dim] = 0
+        source = int(mesh.mesh[tuple(index)])
+        on_device = tensor.to(_collective_device(group, tensor.device))
+        dist.broadcast(on_device, src=source, group=group)
+        if on_device is not tensor:
+            tensor.copy_(on_device)
+    return tensor
