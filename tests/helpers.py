@@ -76,8 +76,9 @@ def run_task(model: nn.Module, optimizer: HPAOptimizer, seed: int, device="cpu",
     return optimizer.end_task(calibrate(model, optimizer, batches(task_batches, seed + 2)))
 
 
-def tiny_llama(vocab: int, seed: int = 0) -> nn.Module:
-    """A 3-block Llama built from a config (no hub), for the Hugging Face integration tests."""
+def tiny_llama(vocab: int = 64, seed: int = 0, *, layers: int = 3, max_positions: int = 32) -> nn.Module:
+    """A Llama of ``layers`` blocks (hidden 16, MLP 24, 2 heads, 1 KV head) built from a config
+    (no hub), initialised from ``seed``."""
     import transformers
 
     torch.manual_seed(seed)
@@ -85,10 +86,15 @@ def tiny_llama(vocab: int, seed: int = 0) -> nn.Module:
         vocab_size=vocab,
         hidden_size=16,
         intermediate_size=24,
-        num_hidden_layers=3,
+        num_hidden_layers=layers,
         num_attention_heads=2,
         num_key_value_heads=1,
-        max_position_embeddings=32,
+        max_position_embeddings=max_positions,
         tie_word_embeddings=False,
     )
     return transformers.LlamaForCausalLM(config)
+
+
+def tiny_decoder(seed: int = 0) -> nn.Module:
+    """The 4-block, 64-token tiny Llama of the hpa-cvit method tests, in eval mode."""
+    return tiny_llama(64, seed, layers=4, max_positions=2048).eval()

@@ -8,7 +8,7 @@ import argparse
 import peft
 import pytest
 import torch
-import transformers
+from helpers import tiny_decoder
 
 from hpa_kernels import adapters
 from hpa_kernels.cvit.methods.base import TaskContext, dense_weights
@@ -72,15 +72,6 @@ def test_defaults():
     assert method.describe() == {"beta": 0.95}
 
 
-def _tiny_llama() -> transformers.LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=4, num_attention_heads=2,
-        num_key_value_heads=1,
-    )  # fmt: skip
-    return transformers.LlamaForCausalLM(config)
-
-
 def _task(model, full: bool) -> TaskContext:
     layers = find_hpa_layers(model)
     task = TaskContext(
@@ -124,7 +115,7 @@ def _expected(start: dict, seen: list[dict], beta: float) -> dict[str, torch.Ten
 
 
 def test_lora_hooks_leave_the_ema_of_the_merged_dense_weights():
-    model = peft.get_peft_model(_tiny_llama(), peft.LoraConfig(r=2, lora_alpha=4, target_modules="all-linear"))
+    model = peft.get_peft_model(tiny_decoder(), peft.LoraConfig(r=2, lora_alpha=4, target_modules="all-linear"))
     task = _task(model, full=False)
     layers = task.layers
     assert len(layers) == 4 * 7 and all(layer.adapter is not None for layer in layers.values())
@@ -152,7 +143,7 @@ def test_lora_hooks_leave_the_ema_of_the_merged_dense_weights():
 
 
 def test_full_hooks_average_every_trained_parameter():
-    model = _tiny_llama()
+    model = tiny_decoder()
     model.model.layers[0].input_layernorm.weight.requires_grad_(False)
     trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"} <= trained.keys()

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-import transformers
+from helpers import tiny_decoder
 
 from hpa_kernels.cvit.methods.base import RunContext
 from hpa_kernels.cvit.methods.lox import ALPHA, RANK, LoX, low_rank_extrapolation
@@ -86,15 +86,6 @@ def test_invalid_arguments_raise(aligned, base, rank, alpha, match):
         low_rank_extrapolation(aligned, base, rank, alpha)
 
 
-def _tiny_llama() -> transformers.LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=4, num_attention_heads=2,
-        num_key_value_heads=1,
-    )  # fmt: skip
-    return transformers.LlamaForCausalLM(config)
-
-
 def _run(model, base_weights) -> RunContext:
     return RunContext(
         chat=ChatModel(model=model, tokenizer=None, source="test"),
@@ -108,7 +99,7 @@ def _run(model, base_weights) -> RunContext:
 
 
 def test_before_tasks_extrapolates_every_managed_layer_and_nothing_else():
-    model = _tiny_llama()
+    model = tiny_decoder()
     layers = find_hpa_layers(model)
     assert len(layers) == 4 * 7
     generator = torch.Generator().manual_seed(1)
@@ -138,7 +129,7 @@ def test_defaults_are_the_papers():
 
 
 def test_before_tasks_needs_every_base_weight():
-    model = _tiny_llama()
+    model = tiny_decoder()
     with pytest.raises(ValueError, match="base model's weights"):
         LoX().before_tasks(_run(model, None))
     layers = find_hpa_layers(model)

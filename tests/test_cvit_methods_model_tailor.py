@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_cvit_methods_safe_delta import TASK, U2, _random_h, char_batches, fine_tune, task_context, tiny_llama
+from helpers import tiny_decoder
+from test_cvit_methods_safe_delta import TASK, U2, _random_h, char_batches, fine_tune, task_context
 
 from hpa_kernels.cvit.methods.base import input_hessians
 from hpa_kernels.cvit.methods.model_tailor import (
@@ -139,7 +140,7 @@ def test_mismatched_shapes_raise():
 
 
 def test_after_merge_edits_every_layer_with_the_task_h_after_the_task():
-    model = tiny_llama()
+    model = tiny_decoder()
     task = task_context(model)
     fine_tune(task)
     task_h = input_hessians(model, task.layers, char_batches(TASK))  # on the merged weights

@@ -8,7 +8,7 @@ import argparse
 
 import pytest
 import torch
-import transformers
+from helpers import tiny_decoder
 from transformers.pytorch_utils import Conv1D
 
 from hpa_kernels.cvit.methods.base import TaskContext, dense_weights, input_hessians
@@ -288,15 +288,6 @@ def test_selection_rejects_mismatched_shapes():
 # --- the hooks, on a tiny Llama ---------------------------------------------------------------
 
 
-def tiny_llama() -> transformers.LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=4, num_attention_heads=2,
-        num_key_value_heads=1,
-    )  # fmt: skip
-    return transformers.LlamaForCausalLM(config)
-
-
 def char_batches(pairs):
     """One left-padded batch of the pairs' characters (ids = code point mod 64), answer labels."""
     texts = [[ord(ch) % 64 for ch in prompt + answer] for prompt, answer in pairs]
@@ -334,7 +325,7 @@ def fine_tune(task: TaskContext, seed: int = 1) -> None:
 
 
 def test_group_by_input_shares_one_h_per_input():
-    model = tiny_llama()
+    model = tiny_decoder()
     task = task_context(model)
     groups = group_by_input(task.hessians(SAFETY))
     assert len(groups) == 4 * 4
@@ -349,7 +340,7 @@ def test_group_by_input_shares_one_h_per_input():
 
 
 def test_hooks_edit_every_layer_with_the_safety_h_before_the_task():
-    model = tiny_llama()
+    model = tiny_decoder()
     task = task_context(model)
     safety_h = input_hessians(model, task.layers, char_batches(SAFETY))  # at W_prev
     method = SafeDelta(scale=0.1, reference_size=64)
@@ -373,7 +364,7 @@ def test_hooks_edit_every_layer_with_the_safety_h_before_the_task():
 
 
 def test_after_merge_needs_begin_task():
-    model = tiny_llama()
+    model = tiny_decoder()
     task = task_context(model)
     fine_tune(task)
     with pytest.raises(RuntimeError, match="begin_task"):
@@ -398,7 +389,7 @@ def test_edit_layers_transposes_conv1d_weights():
 
 
 def test_edit_layers_needs_an_h_for_every_layer():
-    model = tiny_llama()
+    model = tiny_decoder()
     task = task_context(model)
     groups = group_by_input(task.hessians(SAFETY))[1:]
     with pytest.raises(ValueError, match="no H for managed layers"):

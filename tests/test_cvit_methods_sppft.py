@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-import transformers
+from helpers import tiny_decoder
 from peft import LoraConfig, get_peft_model
 
 from hpa_kernels import HPAConfig, HPAOptimizer, adapters
@@ -152,15 +152,6 @@ class CharTokenizer:
         return {"input_ids": [1 + ord(ch) % 63 for ch in text]}
 
 
-def tiny_llama(seed: int = 0) -> transformers.LlamaForCausalLM:
-    config = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=4, num_attention_heads=2,
-        num_key_value_heads=1,
-    )  # fmt: skip
-    torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(config).eval()
-
-
 # Near-identical "normal" prompts and unlike "malicious" ones: even a random model's last-position
 # states then separate the two sets more with depth, so the gap rises.
 BENIGN = ["aaaaaaaaaa", "aaaaaaaaab", "aaaaaaaaac"]
@@ -177,7 +168,7 @@ def task_context(chat: ChatModel) -> TaskContext:
 
 
 def test_last_position_states_are_unchanged_by_left_padding():
-    chat = ChatModel(tiny_llama(), CharTokenizer(), "tiny")
+    chat = ChatModel(tiny_decoder(), CharTokenizer(), "tiny")
     chat.model.train()
     batch = last_position_states(chat, ["hi", "a much longer prompt than the first"])
     alone = last_position_states(chat, ["hi"])
@@ -191,7 +182,7 @@ def test_last_position_states_are_unchanged_by_left_padding():
 
 
 def test_before_tasks_locates_the_rise_of_the_gap():
-    chat = ChatModel(tiny_llama(), CharTokenizer(), "tiny")
+    chat = ChatModel(tiny_decoder(), CharTokenizer(), "tiny")
     method = SPPFT()
     method.before_tasks(run_context(chat))
     normal = last_position_states(chat, BENIGN)
@@ -213,7 +204,7 @@ def test_the_runs_hpa_config_keeps_its_sizes_without_the_edit():
 
 
 def test_begin_task_needs_located_layers():
-    chat = ChatModel(tiny_llama(), CharTokenizer(), "tiny")
+    chat = ChatModel(tiny_decoder(), CharTokenizer(), "tiny")
     with pytest.raises(RuntimeError):
         SPPFT().begin_task(task_context(chat))
 
@@ -229,7 +220,7 @@ def one_step(model: torch.nn.Module) -> None:
 
 def test_frozen_lora_blocks_do_not_move():
     chat = ChatModel(
-        get_peft_model(tiny_llama(), LoraConfig(r=2, lora_alpha=4, target_modules="all-linear")),
+        get_peft_model(tiny_decoder(), LoraConfig(r=2, lora_alpha=4, target_modules="all-linear")),
         CharTokenizer(),
         "tiny",
     )
@@ -256,7 +247,7 @@ def test_frozen_lora_blocks_do_not_move():
 
 @pytest.mark.filterwarnings("ignore:HPA skips")  # find_hpa_layers names the frozen layers it leaves out
 def test_frozen_dense_blocks_do_not_move_under_full():
-    model = tiny_llama()
+    model = tiny_decoder()
     chat = ChatModel(model, CharTokenizer(), "tiny")
     method = SPPFT()
     method.blocks = range(0, 1)
@@ -274,6 +265,6 @@ def test_frozen_dense_blocks_do_not_move_under_full():
 
 
 def test_freeze_blocks_outside_the_range_touches_nothing():
-    model = tiny_llama()
+    model = tiny_decoder()
     assert freeze_blocks(find_hpa_layers(model), range(7, 9)) == []
     assert all(p.requires_grad for p in model.parameters())
