@@ -33,7 +33,7 @@ from transformers import TrainerCallback
 from .calibration import HessianCollector
 from .optim import HPAOptimizer, LayerReport
 
-__all__ = ["HPACallback", "calibrate", "decoder_attention_mask", "take_samples"]
+__all__ = ["HPACallback", "calibrate", "collect_hessians", "decoder_attention_mask", "take_samples"]
 
 _NOT_INPUTS = ("labels", "label", "label_ids")
 
@@ -59,7 +59,6 @@ def decoder_attention_mask(labels: Tensor) -> Tensor:
     return mask
 
 
-@torch.no_grad()
 def calibrate(
     model: nn.Module,
     optimizer: HPAOptimizer,
@@ -69,6 +68,36 @@ def calibrate(
     **collector_kwargs: Any,
 ) -> dict[str, Tensor]:
     """The ``hinv`` vectors of every managed layer of ``optimizer`` on ``batches`` (HPA_SPEC.md Step 0).
+
+    Runs the batches through :func:`collect_hessians` on ``optimizer.hpa_layers`` and returns
+    :meth:`HessianCollector.hinv` with the optimizer's damping (``hpa.damping``).
+
+    Args:
+        model: the model whose layers ``optimizer`` manages (a PEFT model included).
+        optimizer: gives the layers (``hpa_layers``) and the damping (``hpa.damping``).
+        batches, forward, **collector_kwargs: as :func:`collect_hessians`.
+
+    Returns:
+        ``{layer name: (in_features,) float32}``, as :meth:`HessianCollector.hinv`.
+
+    Raises:
+        ValueError: a managed layer that saw no token (e.g. empty ``batches``).
+    """
+    collector = collect_hessians(model, optimizer.hpa_layers, batches, forward=forward, **collector_kwargs)
+    return collector.hinv(optimizer.hpa.damping)
+
+
+@torch.no_grad()
+def collect_hessians(
+    model: nn.Module,
+    layers: Mapping[str, object] | Iterable[str],
+    batches: Iterable[Mapping[str, Any]],
+    *,
+    forward: Callable[[nn.Module, dict[str, Any]], object] | None = None,
+    **collector_kwargs: Any,
+) -> HessianCollector:
+    """Run ``batches`` through ``model`` under a :class:`HessianCollector` on ``layers``; return it
+    (its statistics stay readable: :meth:`~HessianCollector.hessian`, :meth:`~HessianCollector.hinv`).
 
     Runs ``model(**batch)`` (or ``forward(model, batch)``) in eval mode without gradients (the
     training mode is restored), each batch moved to the model's device and ``labels`` dropped.
@@ -81,8 +110,8 @@ def calibrate(
     ``decoder_attention_mask`` from them (:func:`decoder_attention_mask`) when it has none.
 
     Args:
-        model: the model whose layers ``optimizer`` manages (a PEFT model included).
-        optimizer: gives the layers (``hpa_layers``) and the damping (``hpa.damping``).
+        model: the model the layers belong to (a PEFT model included).
+        layers: as :class:`HessianCollector` (e.g. ``optimizer.hpa_layers``).
         batches: mappings of model inputs, e.g. ``{"input_ids": (B, T), "attention_mask": (B, T)}``,
             plus ``pixel_values`` (and ``image_grid_thw``, ...) for a multimodal model.
         forward: how one batch is run, e.g. ``lambda m, b: m.generate(**b, max_new_tokens=16)`` to
@@ -90,18 +119,15 @@ def calibrate(
             positions a finished sequence keeps generating count too); default ``model(**batch)``.
         **collector_kwargs: ``all_reduce``, ``process_group`` for :class:`HessianCollector`.
 
-    Returns:
-        ``{layer name: (in_features,) float32}``, as :meth:`HessianCollector.hinv`.
-
     Raises:
-        ValueError: a managed layer that saw no token (e.g. empty ``batches``).
+        ValueError: as :class:`HessianCollector` (a name that is not a linear layer of ``model``).
     """
     was_training = model.training
     model.eval()
     device = _device_of(model)
     encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
     try:
-        with HessianCollector(model, optimizer.hpa_layers, **collector_kwargs) as collector:
+        with HessianCollector(model, layers, **collector_kwargs) as collector:
             for batch in batches:
                 inputs = {
                     key: value.to(device) if isinstance(value, Tensor) else value
@@ -123,7 +149,7 @@ def calibrate(
                     forward(model, inputs)
     finally:
         model.train(was_training)
-    return collector.hinv(optimizer.hpa.damping)
+    return collector
 
 
 def take_samples(batches: Iterable[Mapping[str, Any]], samples: int) -> list[Mapping[str, Any]]:

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ... import HPAConfig, adapters
-from ...calibration import HessianCollector
+from ...integrations import collect_hessians
 from ...layers import ManagedLayer
 from ..model import ChatModel
 from ..prompts import TaskPrompts
@@ -136,19 +136,11 @@ class Method:
         training left them): edit ``layer.module.weight`` of ``task.layers`` in place."""
 
 
-@torch.no_grad()
 def input_hessians(model: nn.Module, layers: dict[str, ManagedLayer], batches: list[dict]) -> dict[str, Tensor]:
-    """H = (2/n)·XᵀX of each layer's input over ``batches`` (HessianCollector; padding excluded),
-    run in eval mode (the training mode is restored). Returns ``{name: (c, c) float32}``."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    try:
-        with HessianCollector(model, layers) as collector:
-            for batch in batches:
-                model(**{k: v.to(device) for k, v in batch.items() if k != "labels"})
-    finally:
-        model.train(was_training)
+    """H = (2/n)·XᵀX of each layer's input over ``batches``
+    (:func:`hpa_kernels.integrations.collect_hessians`: eval mode, padding excluded).
+    Returns ``{name: (c, c) float32}``."""
+    collector = collect_hessians(model, layers, batches)
     return {name: collector.hessian(name) for name in layers}
 
 
