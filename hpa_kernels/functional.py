@@ -84,34 +84,59 @@ def hinv_diagonal(H: Tensor, damping: float = 0.01) -> Tensor:
             factorable even with 10⁵× the damping, a damping that is not a finite positive number,
             or an H so small that diag(H⁻¹) overflows float32 (inputs of magnitude ≲ 1e-19).
     """
-    if H.dim() != 2 or H.shape[0] != H.shape[1]:
-        raise ValueError(f"hinv_diagonal needs a square (c, c) matrix, got shape {tuple(H.shape)}")
-    if not (isinstance(damping, (int, float)) and math.isfinite(damping) and damping > 0):
-        raise ValueError(f"hinv_diagonal needs a finite damping > 0, got {damping!r}")
-    c = H.shape[0]
-    if c == 0:
+    chol, eye, mean_diag = damped_cholesky(H, damping, "hinv_diagonal")
+    if H.shape[0] == 0:
         return torch.empty(0, dtype=torch.float32, device=H.device)
+    chol_inv = torch.linalg.solve_triangular(chol, eye, upper=False)
+    hinv = chol_inv.square().sum(dim=0).float()
+    if not bool(torch.isfinite(hinv).all() and (hinv > 0).all()):
+        raise ValueError(
+            f"hinv_diagonal: diag(H⁻¹) is not representable in float32 (mean(diag H) = {mean_diag:.3g}); "
+            "rescale the calibration inputs"
+        )
+    return hinv
+
+
+def damped_cholesky(H: Tensor, damping: float, caller: str, *, flip: bool = False) -> tuple[Tensor, Tensor, float]:
+    """The lower Cholesky factor L of H' + λI, λ = damping · mean(diag H), in float64, where H' is H
+    or, with ``flip``, H with rows and columns reversed (λ from H either way). If the factorisation
+    fails, λ is multiplied by 10, up to five times (the damping of :func:`hinv_diagonal`).
+
+    Args:
+        H: (c, c) symmetric positive semi-definite, any float dtype.
+        damping: relative damping, a finite number > 0.
+        caller: the name the errors start with.
+
+    Returns:
+        ``(L, I, mean(diag H))``: (c, c) float64 on ``H``'s device and the (c, c) identity; for
+        c = 0 two empty matrices and 0.0.
+
+    Raises:
+        ValueError: H not square, non-finite, with mean(diag H) ≤ 0 (the layer saw no signal), not
+            factorable with 10⁵× the damping, or a damping that is not a finite positive number.
+    """
+    if H.dim() != 2 or H.shape[0] != H.shape[1]:
+        raise ValueError(f"{caller} needs a square (c, c) matrix, got shape {tuple(H.shape)}")
+    if not (isinstance(damping, (int, float)) and math.isfinite(damping) and damping > 0):
+        raise ValueError(f"{caller} needs a finite damping > 0, got {damping!r}")
+    c = H.shape[0]
     h = H.double()
+    eye = torch.eye(c, dtype=torch.float64, device=H.device)
+    if c == 0:
+        return h.clone(), eye, 0.0
     if not torch.isfinite(h).all():
-        raise ValueError("hinv_diagonal: H holds NaN or Inf")
+        raise ValueError(f"{caller}: H holds NaN or Inf")
     mean_diag = float(h.diagonal().mean())
     if not mean_diag > 0:
-        raise ValueError("hinv_diagonal: mean(diag H) is not positive; the layer saw no non-zero input")
-    eye = torch.eye(c, dtype=torch.float64, device=H.device)
+        raise ValueError(f"{caller}: mean(diag H) is not positive; the layer saw no non-zero input")
+    factored = h.flip(0, 1) if flip else h
     lam = damping * mean_diag
     for _ in range(6):
-        chol, info = torch.linalg.cholesky_ex(h + lam * eye)
+        chol, info = torch.linalg.cholesky_ex(factored + lam * eye)
         if int(info) == 0:
-            chol_inv = torch.linalg.solve_triangular(chol, eye, upper=False)
-            hinv = chol_inv.square().sum(dim=0).float()
-            if not bool(torch.isfinite(hinv).all() and (hinv > 0).all()):
-                raise ValueError(
-                    f"hinv_diagonal: diag(H⁻¹) is not representable in float32 (mean(diag H) = {mean_diag:.3g}); "
-                    "rescale the calibration inputs"
-                )
-            return hinv
+            return chol, eye, mean_diag
         lam *= 10.0
-    raise ValueError("hinv_diagonal: H + λI is not positive definite even with 10⁵× the damping")
+    raise ValueError(f"{caller}: H + λI is not positive definite even with 10⁵× the damping")
 
 
 def column_scores(

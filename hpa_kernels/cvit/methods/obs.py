@@ -27,12 +27,12 @@ them. λ = damping · mean(diag H), the damping of :func:`hpa_kernels.functional
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
+from ...functional import damped_cholesky
 from ...layers import ManagedLayer
 
 SUB_BLOCK = 64
@@ -66,28 +66,10 @@ def hinv_cholesky(H: Tensor, damping: float = 0.01) -> Tensor:
         ValueError: H not square, non-finite, with mean(diag H) ≤ 0 (the layer saw no signal), not
             factorable with 10⁵× the damping, or a damping that is not a finite positive number.
     """
-    if H.dim() != 2 or H.shape[0] != H.shape[1]:
-        raise ValueError(f"hinv_cholesky needs a square (c, c) matrix, got shape {tuple(H.shape)}")
-    if not (isinstance(damping, (int, float)) and math.isfinite(damping) and damping > 0):
-        raise ValueError(f"hinv_cholesky needs a finite damping > 0, got {damping!r}")
-    c = H.shape[0]
-    h = H.double()
-    if c == 0:
-        return h.clone()
-    if not torch.isfinite(h).all():
-        raise ValueError("hinv_cholesky: H holds NaN or Inf")
-    mean_diag = float(h.diagonal().mean())
-    if not mean_diag > 0:
-        raise ValueError("hinv_cholesky: mean(diag H) is not positive; the layer saw no non-zero input")
-    eye = torch.eye(c, dtype=torch.float64, device=H.device)
-    flipped = h.flip(0, 1)
-    lam = damping * mean_diag
-    for _ in range(6):
-        chol, info = torch.linalg.cholesky_ex(flipped + lam * eye)
-        if int(info) == 0:
-            return torch.linalg.solve_triangular(chol, eye, upper=False).flip(0, 1)
-        lam *= 10.0
-    raise ValueError("hinv_cholesky: H + λI is not positive definite even with 10⁵× the damping")
+    chol, eye, _ = damped_cholesky(H, damping, "hinv_cholesky", flip=True)
+    if H.shape[0] == 0:
+        return chol
+    return torch.linalg.solve_triangular(chol, eye, upper=False).flip(0, 1)
 
 
 @torch.no_grad()
