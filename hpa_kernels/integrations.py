@@ -31,8 +31,7 @@ from torch import Tensor, nn
 from transformers import TrainerCallback
 
 from .calibration import HessianCollector
-from .edit import LayerReport
-from .optim import HPAOptimizer
+from .optim import HPAOptimizer, LayerReport
 
 __all__ = ["HPACallback", "calibrate", "collect_hessians", "decoder_attention_mask", "take_samples"]
 
