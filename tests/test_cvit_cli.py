@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from unittest import mock
 
 import pytest
 import torch
@@ -12,12 +14,12 @@ from hpa_kernels.cvit.resume import Checkpoints
 
 
 @pytest.fixture(autouse=True)
-def _keep_environment(monkeypatch):
+def _keep_environment():
     """cli.main sets MKL_CBWR, torch's thread count and deterministic mode for its own process;
     none of it may leak into later tests (a thread count changes their float bits)."""
-    monkeypatch.delenv("MKL_CBWR", raising=False)
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    yield
+    with mock.patch.dict(os.environ):  # restores the environment as it was, MKL_CBWR unset included
+        yield
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(deterministic)
 

@@ -101,6 +101,7 @@ _RESUME_SCRIPT = textwrap.dedent(
     from hpa_kernels import HPAOptimizer
 
     checkpoint_path, out_path = sys.argv[1], sys.argv[2]
+    torch.set_num_threads(int(sys.argv[3]))  # the parent's: a thread count changes GEMM bits
     results = {}
     checkpoints = torch.load(checkpoint_path, weights_only=True)
     for backend, checkpoint in checkpoints.items():
@@ -148,7 +149,7 @@ def test_resume_in_a_fresh_process_is_bit_identical(tmp_path):
 
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), str(ROOT)]))
     subprocess.run(
-        [sys.executable, "-c", _RESUME_SCRIPT, str(tmp_path / "checkpoint.pt"), str(tmp_path / "resumed.pt")],
+        [sys.executable, "-c", _RESUME_SCRIPT, str(tmp_path / "checkpoint.pt"), str(tmp_path / "resumed.pt"), str(torch.get_num_threads())],
         check=True,
         env=env,
         timeout=300,
