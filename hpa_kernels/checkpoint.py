@@ -74,8 +74,8 @@ from torch import Tensor
 
 from . import ops
 from .config import SELECTION_MODES, HPAConfig
+from .edit import LayerReport
 from .functional import LayerPlan, plan_layer_update, retention_schedule
-from .optim import LayerReport
 
 __all__ = [
     "adjust_checkpoint",

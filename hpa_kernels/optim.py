@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass
 from itertools import chain
 from typing import Any
 
@@ -13,80 +11,26 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from . import adapters, distributed, ops
+from . import adapters, distributed, online, ops, optim_state
 from .config import HPAConfig
-from .functional import LayerPlan, count_columns, plan_layer_update, top_columns
+from .edit import (
+    HPAEditError,
+    LayerReport,
+    check_statistics,
+    check_task_support,
+    check_weights_finite,
+    plan_edits,
+    write_edits,
+)
 from .layers import ManagedLayer, find_hpa_layers
 
-# Group keys torch's own schedulers write into the groups (LRScheduler, OneCycleLR, CyclicLR, SWALR):
-# kept as torch.optim.AdamW keeps them, so a scheduler resumes from a loaded state dict.
-_SCHEDULER_KEYS = frozenset({"initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum", "swa_lr"})
-_GROUP_KEYS = (
-    frozenset({"params", "lr", "betas", "eps", "weight_decay", "maximize", "master_weights", "name", "param_names"})
-    | _SCHEDULER_KEYS
-)
+__all__ = ["HPAEditError", "HPAOptimizer", "LayerReport"]
+
 # Attributes of HPAOptimizer kept by copy.deepcopy and pickle besides torch.optim.Optimizer's own.
 _PICKLED_ATTRS = ("hpa", "backend", "hpa_layers", "_edited", "_in_task", "_tasks_completed", "_online_steps")
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 # Parameter dtypes every kernels backend steps; the "torch" reference also steps float64.
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Group keys of torch.optim.AdamW state dicts that a load accepts (and drops) when they ask for
-# nothing HPAOptimizer does differently: {key: required truth value, or None for any value}.
-_ADAMW_GROUP_KEYS = {
-    "foreach": None,
-    "fused": None,
-    "amsgrad": False,
-    "capturable": False,
-    "differentiable": False,
-    "decoupled_weight_decay": True,
-}
-# Per-parameter state of the shape of the parameter (checked when a state dict is loaded).
-_PARAM_SHAPED_STATE = ("exp_avg", "exp_avg_sq", "hpa_prev", "master_param")
-# Per-parameter state with one entry per HPA column (the layer's input features).
-_COLUMN_STATE = ("hpa_hinv_safety", "hpa_mask", "hpa_col_energy")
-
-
-def _check_param_dtype(p: Tensor, label: str) -> None:
-    """Refuse a parameter no backend can step (complex, integer or bool), naming it."""
-    if p.is_complex():
-        raise ValueError(f"HPAOptimizer: {label} is complex ({p.dtype}); not supported (view it as real pairs)")
-    if not p.is_floating_point():
-        raise ValueError(f"HPAOptimizer: {label} has dtype {p.dtype}; only floating-point parameters are supported")
-
-
-@dataclass(frozen=True)
-class LayerReport:
-    """What ``end_task`` did to one layer (HPA_SPEC.md Steps 1–3).
-
-    Attributes:
-        retain_ratio: p_l.
-        alpha: α_l.
-        num_safety, num_task, num_shared: |S|, |T|, |O| (columns).
-        num_retained: columns reverted to W_prev (at most ``floor(p_l·c + 0.5)``).
-        num_columns: c, the layer's in_features.
-        coef: c_l, the projection scalar removed along W_prev.
-    """
-
-    retain_ratio: float
-    alpha: float
-    num_safety: int
-    num_task: int
-    num_shared: int
-    num_retained: int
-    num_columns: int
-    coef: float
-
-    def as_dict(self) -> dict[str, float | int]:
-        return asdict(self)
-
-
-class HPAEditError(RuntimeError):
-    """``end_task`` failed while writing; ``edited`` layers hold Ŵ, ``untouched`` layers W_new."""
-
-    def __init__(self, message: str, edited: list[str], untouched: list[str]) -> None:
-        super().__init__(f"{message}; edited layers: {edited}; untouched layers: {untouched}")
-        self.edited = edited
-        self.untouched = untouched
 
 
 class HPAOptimizer(Optimizer):
@@ -264,7 +208,7 @@ class HPAOptimizer(Optimizer):
         params += [layer.module.weight for layer in layers.values() if not layer.module.weight.requires_grad]
         names = {id(p): name for name, p in model.named_parameters()}
         for p in params:
-            _check_param_dtype(p, f"parameter {names.get(id(p), '?')!r}")
+            optim_state.check_param_dtype(p, f"parameter {names.get(id(p), '?')!r}")
         optimizer = cls(params, hpa=hpa, hpa_layers=layers, **kwargs)
         optimizer._param_names.update(names)
         return optimizer
@@ -272,28 +216,7 @@ class HPAOptimizer(Optimizer):
     # ------------------------------------------------------------------ param groups and state
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        unknown = set(param_group) - _GROUP_KEYS
-        if unknown:
-            raise ValueError(
-                f"HPAOptimizer: unknown param group keys {sorted(unknown)}; allowed: {sorted(_GROUP_KEYS)}"
-            )
-        params = param_group["params"]
-        params = [params] if isinstance(params, Tensor) else list(params)
-        # A new dict: the generator a group may hold is consumed once, here, not twice.
-        param_group = {**param_group, "params": params}
-        seen: set[int] = set()
-        for index, p in enumerate(params):
-            name, tensor = p if isinstance(p, tuple) else (None, p)  # (name, parameter) pairs, as torch allows
-            if isinstance(tensor, Tensor):
-                label = f"parameter {name!r}" if name else f"parameter {index} of the group"
-                _check_param_dtype(tensor, label)
-                if id(tensor) in seen:
-                    raise ValueError(
-                        f"HPAOptimizer: {label} is listed twice in one param group (tied weights?); "
-                        "list each tensor once, e.g. with model.parameters()"
-                    )
-                seen.add(id(tensor))
-        super().add_param_group(param_group)
+        super().add_param_group(optim_state.checked_param_group(param_group))
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -348,68 +271,33 @@ class HPAOptimizer(Optimizer):
                 sizes raise as in ``torch.optim.Optimizer``.
         """
         state_dict = dict(state_dict)
-        for index, group in enumerate(state_dict["param_groups"]):
-            for key in sorted(set(group) - _GROUP_KEYS):
-                required = _ADAMW_GROUP_KEYS.get(key, "refuse")
-                if required == "refuse" or (required is not None and bool(group[key]) != required):
-                    raise ValueError(
-                        f"HPAOptimizer.load_state_dict: saved param group {index} sets {key}={group[key]!r}, "
-                        "which HPAOptimizer does not implement"
-                    )
-        # torch.distributed.checkpoint's get/set_optimizer_state_dict keep only "state" and
-        # "param_groups": without "hpa", a task is open iff a W_prev snapshot was saved.
-        lifecycle = state_dict.pop("hpa", None) or {
-            "in_task": any("hpa_prev" in saved for saved in state_dict["state"].values()),
-            "tasks_completed": self._tasks_completed,
-        }
+        optim_state.check_saved_groups(state_dict["param_groups"])
+        lifecycle = optim_state.saved_lifecycle(state_dict, self._tasks_completed)
+        state_dict.pop("hpa", None)
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)
         by_id = dict(zip(saved_ids, params))
-        self._check_saved_state(state_dict["state"], by_id)  # before anything is loaded
+        columns_of = {id(layer.module.weight): (layer.in_features,) for layer in self.hpa_layers.values()}
+        optim_state.check_saved_state(state_dict["state"], by_id, columns_of, self._param_names)
         super().load_state_dict(state_dict)
         for group in self.param_groups:
-            for key in set(group) - _GROUP_KEYS:
+            for key in set(group) - optim_state.GROUP_KEYS:
                 del group[key]
             for key, value in self.defaults.items():
-                if key in _GROUP_KEYS:
+                if key in optim_state.GROUP_KEYS:
                     group.setdefault(key, value)
         for saved_id, saved_state in state_dict["state"].items():
             param = by_id.get(saved_id)
             if param is None:
                 continue  # state of no parameter: torch keeps it as is
             for key, value in saved_state.items():
-                if key == "step" and not isinstance(value, Tensor):
-                    value = torch.tensor(float(value), dtype=torch.float32)
-                if isinstance(value, Tensor):
+                if isinstance(value, Tensor) or key == "step":
                     # torch's loader casts floating state to the parameter's dtype; undo that, and copy.
-                    widen = key in ("exp_avg", "exp_avg_sq", "step") and value.dtype in (*_LOW_PRECISION, torch.int64)
-                    dtype = torch.float32 if widen else value.dtype
-                    self.state[param][key] = value.to(device=param.device, dtype=dtype, copy=True)
+                    self.state[param][key] = optim_state.restored_value(key, value, param)
         self._in_task = bool(lifecycle["in_task"])
         self._tasks_completed = int(lifecycle["tasks_completed"])
         self._online_steps = int(lifecycle.get("online_steps", 0))
         self._edited = {name: LayerReport(**report) for name, report in lifecycle.get("edited", {}).items()}
-
-    def _check_saved_state(self, saved: Mapping[Any, Mapping[str, Any]], by_id: Mapping[Any, Tensor]) -> None:
-        # The per-column state of a managed layer is (in_features,), whatever its storage layout (Conv1D).
-        columns_of = {id(layer.module.weight): (layer.in_features,) for layer in self.hpa_layers.values()}
-        for saved_id, saved_state in saved.items():
-            param = by_id.get(saved_id)
-            if param is None:
-                continue
-            label = self._param_names.get(id(param), f"parameter {saved_id}")
-            columns = columns_of.get(id(param), tuple(param.shape[1:]))
-            for key, value in saved_state.items():
-                if key in _PARAM_SHAPED_STATE and isinstance(value, Tensor) and value.shape != param.shape:
-                    raise ValueError(
-                        f"HPAOptimizer.load_state_dict: state {key!r} of {label!r} has shape {tuple(value.shape)}, "
-                        f"the parameter {tuple(param.shape)} (a state dict of another model?)"
-                    )
-                if key in _COLUMN_STATE and isinstance(value, Tensor) and value.shape != columns:
-                    raise ValueError(
-                        f"HPAOptimizer.load_state_dict: state {key!r} of {label!r} has shape {tuple(value.shape)}, "
-                        f"expected {columns}"
-                    )
 
     @property
     def in_task(self) -> bool:
@@ -511,8 +399,8 @@ class HPAOptimizer(Optimizer):
         self._check_grads()  # every check before any state changes
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        online = self._online_weights()
-        gathered = [self._init_group(group, frozenset(online)) for group in self.param_groups]
+        online_weights = self._online_weights()
+        gathered = [self._init_group(group, frozenset(online_weights)) for group in self.param_groups]
         for group, (params, grads, exp_avgs, exp_avg_sqs, steps) in zip(self.param_groups, gathered):
             if not params:
                 continue
@@ -537,8 +425,8 @@ class HPAOptimizer(Optimizer):
                 master = self.state[p].get("master_param") if p.grad is not None else None
                 if master is not None:
                     p.copy_(master)  # the parameter is the rounding of its fp32 master copy
-        if online:
-            self._online_step(online, grad_scale, found_inf)
+        if online_weights:
+            self._online_step(online_weights, grad_scale, found_inf)
         return loss
 
     def _online_weights(self) -> dict[int, tuple[str, dict[str, Any]]]:
@@ -554,37 +442,29 @@ class HPAOptimizer(Optimizer):
         }
 
     def _online_step(
-        self, online: Mapping[int, tuple[str, dict[str, Any]]], grad_scale: Tensor | None, found_inf: Tensor | None
+        self,
+        online_weights: Mapping[int, tuple[str, dict[str, Any]]],
+        grad_scale: Tensor | None,
+        found_inf: Tensor | None,
     ) -> None:
         """The online HPA step of each managed weight (``ops.online_step``):
         AdamW, then the retained columns back to W_prev and ΔW made orthogonal to W_prev; every
         ``refresh_every`` steps a new column mask from the accumulated update energies."""
-        for name, group in online.values():
+        for name, group in online_weights.values():
             weight = self.hpa_layers[name].module.weight
-            state = self.state[weight]
             working = self._working_weight(weight)
-            beta1, beta2 = group["betas"]
-            ops.online_step(
+            online.online_layer_step(
                 working,
                 weight.grad if working.dtype == weight.dtype else weight.grad.float(),
-                state["exp_avg"],
-                state["exp_avg_sq"],
-                state["step"],
+                self.state[weight],
                 self._snapshot(weight),
-                state["hpa_mask"],
-                state["hpa_col_energy"],
-                lr=group["lr"],
-                beta1=beta1,
-                beta2=beta2,
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                maximize=group["maximize"],
+                group,
+                orthogonal=self.hpa.orthogonal,
                 grad_scale=grad_scale,
                 found_inf=found_inf,
-                orthogonal=self.hpa.orthogonal,
                 backend=self.backend,
             )
-            if "master_param" in state:
+            if "master_param" in self.state[weight]:
                 weight.detach().copy_(working)  # master weights: the parameter is the rounding
         if found_inf is not None and bool(found_inf.item()):
             return  # a skipped step does not count towards the refresh (one host sync, online mode only)
@@ -593,57 +473,22 @@ class HPAOptimizer(Optimizer):
             self._refresh_masks()
 
     def _refresh_masks(self) -> None:
-        """New retained columns for the online step. [decision] Mid-task only the safety statistics
-        exist (the task Hessian is collected after the task), so the refresh retains the top
-        ``floor(p_l·c + 0.5)`` columns by ε̄_j = E_j / (r·hinv_s[j]), E_j the energy of the
-        attempted (unconstrained) updates of column j since the last refresh; E is then reset.
-        Newly retained columns return to W_prev at once and ΔW is re-projected, so the online
-        invariants hold after the refresh too."""
+        """New retained columns for the online step of every managed weight (:func:`online.refresh_mask`)."""
         for layer in self.hpa_layers.values():
             weight = layer.module.weight
-            state = self.state[weight]
-            rows, columns = weight.shape  # online mode refuses transposed (Conv1D) layers
-            eps_bar = state["hpa_col_energy"] / (max(rows, 1) * state["hpa_hinv_safety"])
-            mask = torch.zeros(columns, dtype=torch.bool, device=eps_bar.device)
-            mask[top_columns(eps_bar, count_columns(layer.retain_ratio, columns))] = True
-            state["hpa_mask"].copy_(mask)
-            state["hpa_col_energy"].zero_()
-            # The invariants hold from here on, not only after the next step: newly retained columns
-            # go back to W_prev and the rest of ΔW is re-projected (c' over the free columns).
-            prev, working = self._snapshot(weight), self._working_weight(weight)
-            free_prev = prev.double()[:, ~mask]
-            norm_sq = float(free_prev.square().sum())
-            dot = float(((working.double()[:, ~mask] - free_prev) * free_prev).sum())
-            coef = dot / norm_sq if self.hpa.orthogonal and norm_sq > 0.0 else 0.0
-            working.copy_(ops.hpa_apply(prev, working, mask, coef, backend=self.backend))
-            if "master_param" in state:
+            working = self._working_weight(weight)
+            online.refresh_mask(
+                self.state[weight],
+                self._snapshot(weight),
+                working,
+                layer.retain_ratio,
+                orthogonal=self.hpa.orthogonal,
+                backend=self.backend,
+            )
+            if "master_param" in self.state[weight]:
                 weight.detach().copy_(working)
 
     # ------------------------------------------------------------------ the HPA task lifecycle
-
-    def _check_statistics(self, kind: str, hessians: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
-        if hessians is None:
-            raise ValueError(f"HPAOptimizer: {kind} is required while HPA is enabled")
-        checked: dict[str, Tensor] = {}
-        for name, layer in self.hpa_layers.items():
-            if name not in hessians:
-                raise ValueError(f"HPAOptimizer: {kind} has no entry for managed layer {name!r}")
-            vec = hessians[name]
-            columns = layer.in_features
-            if not isinstance(vec, Tensor) or vec.shape != (columns,):
-                shape = tuple(vec.shape) if isinstance(vec, Tensor) else type(vec).__name__
-                raise ValueError(f"HPAOptimizer: {kind}[{name!r}] must be a ({columns},) tensor, got {shape}")
-            if not bool(torch.isfinite(vec).all()):
-                raise ValueError(f"HPAOptimizer: {kind}[{name!r}] holds NaN or Inf")
-            if not bool((vec > 0).all()):
-                raise ValueError(f"HPAOptimizer: {kind}[{name!r}] must be > 0 (a diagonal of an inverse Hessian)")
-            checked[name] = vec
-        return checked
-
-    def _check_weights_finite(self) -> None:
-        for name, layer in self.hpa_layers.items():
-            if not bool(torch.isfinite(layer.module.weight).all()):
-                raise ValueError(f"HPAOptimizer: the weight of managed layer {name!r} holds NaN or Inf")
 
     @torch.no_grad()
     def begin_task(self, safety_hessians: Mapping[str, Tensor] | None = None) -> None:
@@ -664,28 +509,9 @@ class HPAOptimizer(Optimizer):
         if self._in_task:
             raise RuntimeError("HPAOptimizer.begin_task: a task is already open; call end_task first")
         if self.hpa.enabled:
-            checked = self._check_statistics("safety_hessians", safety_hessians)
-            self._check_weights_finite()
-            for name, layer in self.hpa_layers.items():
-                if layer.transposed and distributed.is_sharded(layer.module.weight):
-                    raise ValueError(
-                        f"HPAOptimizer.begin_task: {name!r} is a sharded (DTensor) {type(layer.module).__name__} "
-                        "(weight stored (in_features, out_features)); sharding it by storage rows splits HPA's "
-                        "columns (its input features), which the sharded edit does not support"
-                    )
-                if not self.hpa.online:
-                    continue
-                if layer.adapter is not None or distributed.is_sharded(layer.module.weight):
-                    raise ValueError(
-                        f"HPAOptimizer.begin_task: online mode supports neither LoRA adapters nor sharded (DTensor) "
-                        f"weights, and {name!r} is one; use HPAConfig(online=False)"
-                    )
-                if layer.transposed:
-                    raise ValueError(
-                        f"HPAOptimizer.begin_task: online mode does not support {name!r}, a "
-                        f"{type(layer.module).__name__} whose weight is stored (in_features, out_features) "
-                        "(GPT-2 Conv1D); use HPAConfig(online=False), whose end_task edits it"
-                    )
+            checked = check_statistics("safety_hessians", safety_hessians, self.hpa_layers)
+            check_weights_finite(self.hpa_layers)
+            check_task_support(self.hpa_layers, online=self.hpa.online)
             for name, layer in self.hpa_layers.items():
                 weight = layer.module.weight
                 state = self.state[weight]
@@ -740,7 +566,7 @@ class HPAOptimizer(Optimizer):
             self._in_task = False
             self._tasks_completed += 1
             return {}
-        checked = self._check_statistics("task_hessians", task_hessians)
+        checked = check_statistics("task_hessians", task_hessians, self.hpa_layers)
         # Non-finite weights are caught by each layer's plan below (on the reduce's outputs).
         for name, layer in self.hpa_layers.items():
             state = self.state[layer.module.weight]
@@ -750,57 +576,28 @@ class HPAOptimizer(Optimizer):
                 )
         todo = {name: layer for name, layer in self.hpa_layers.items() if name not in self._edited}
         new_weights = {name: self._task_weight(layer) for name, layer in todo.items()}
-        sharded = {  # FSDP2 / DTensor weights: one all-reduce of the column sums (hpa_kernels.distributed)
-            name: (
-                layer.hpa_view(self._snapshot(layer.module.weight)),
-                layer.hpa_view(new_weights[name]),
-                self.state[layer.module.weight]["hpa_hinv_safety"],
-                checked[name],
-                layer.retain_ratio,
-            )
-            for name, layer in todo.items()
-            if distributed.is_sharded(layer.module.weight)
-        }
-        sharded_plans = (
-            distributed.plan_sharded_layers(
-                sharded,
-                alpha_bounds=self.hpa.alpha_bounds,
-                focus_multiplier=self.hpa.focus_multiplier,
-                orthogonal=self.hpa.orthogonal,
-                mode=self.hpa.selection,
-                backend=self.backend,
-            )
-            if sharded
-            else {}
+        plans = plan_edits(
+            todo,
+            prev_of=self._snapshot,
+            new_weights=new_weights,
+            hinv_safety={name: self.state[layer.module.weight]["hpa_hinv_safety"] for name, layer in todo.items()},
+            hinv_task=checked,
+            config=self.hpa,
+            backend=self.backend,
         )
-        plans: dict[str, LayerPlan] = {}
-        for name, layer in todo.items():
-            if name in sharded_plans:
-                plans[name] = sharded_plans[name]
-                continue
-            weight = layer.module.weight
-            try:
-                plans[name] = plan_layer_update(  # on the (out, in) view: columns = input features
-                    layer.hpa_view(self._snapshot(weight)),
-                    layer.hpa_view(new_weights[name]),
-                    self.state[weight]["hpa_hinv_safety"],
-                    checked[name].to(device=weight.device, dtype=torch.float32),
-                    layer.retain_ratio,
-                    alpha_bounds=self.hpa.alpha_bounds,
-                    focus_multiplier=self.hpa.focus_multiplier,
-                    orthogonal=self.hpa.orthogonal,
-                    mode=self.hpa.selection,
-                    backend=self.backend,
-                )
-            except ValueError as error:
-                raise ValueError(f"HPAOptimizer.end_task: managed layer {name!r}: {error}") from error
-        for name, plan in plans.items():
-            if not math.isfinite(plan.coef):
-                raise ValueError(f"HPAOptimizer.end_task: managed layer {name!r}: the projection coefficient overflows")
-        self._write(plans, new_weights)
+        write_edits(
+            plans,
+            self.hpa_layers,
+            prev_of=self._snapshot,
+            new_weights=new_weights,
+            working_of=self._working_weight,
+            optimizer_state=self.state,
+            edited=self._edited,
+            backend=self.backend,
+        )
         for layer in self.hpa_layers.values():
             state = self.state[layer.module.weight]
-            for key in ("hpa_prev", "hpa_hinv_safety", "hpa_mask", "hpa_col_energy"):
+            for key in optim_state.TASK_STATE:
                 state.pop(key, None)
         reports = {name: self._edited[name] for name in self.hpa_layers}
         self._edited = {}
@@ -827,49 +624,3 @@ class HPAOptimizer(Optimizer):
         prev = self.state[weight]["hpa_prev"]
         dtype = self._working_weight(weight).dtype
         return prev if prev.dtype == dtype else prev.to(dtype)
-
-    def _write(self, plans: Mapping[str, LayerPlan], new_weights: Mapping[str, Tensor]) -> None:
-        """Step 3's write, layer by layer: Ŵ is computed aside from W_prev and ``new_weights[name]``
-        (W_new) and copied in whole (into the master copy and the parameter), so that a failure
-        leaves each layer fully edited or untouched. A PEFT LoRA layer's adapters are reset once
-        its base weight holds Ŵ (which contains their merge). Each written layer is recorded in
-        ``self._edited`` at once, so a retry never edits it twice."""
-        for name, plan in plans.items():
-            layer = self.hpa_layers[name]
-            param = layer.module.weight
-            working = self._working_weight(param)
-            try:
-                # Ŵ in the (out, in) view (columns = input features), written back through the view.
-                edited_weight = ops.hpa_apply(
-                    layer.hpa_view(distributed.local_tensor(self._snapshot(param))),
-                    layer.hpa_view(distributed.local_tensor(new_weights[name])),  # a rank's own rows
-                    plan.mask,
-                    plan.coef,
-                    backend=self.backend,
-                )
-                rounded = None if working.dtype == param.dtype else edited_weight.to(param.dtype)
-                layer.hpa_view(distributed.local_tensor(working)).copy_(edited_weight)
-                if rounded is not None:  # master weights: the parameter is the rounding of Ŵ
-                    layer.hpa_view(distributed.local_tensor(param.detach())).copy_(rounded)
-                if layer.adapter is not None:  # PEFT LoRA: fresh adapters, their moments dropped
-                    for adapter_param in adapters.reset_adapters(layer.adapter):
-                        self.state.pop(adapter_param, None)
-            except Exception as error:
-                edited = [n for n in self.hpa_layers if n in self._edited]
-                untouched = [n for n in self.hpa_layers if n not in self._edited]
-                raise HPAEditError(
-                    f"HPAOptimizer.end_task failed writing {name!r}: {error}; the task stays open, call "
-                    "end_task again with the same statistics to edit the untouched layers",
-                    edited,
-                    untouched,
-                ) from error
-            self._edited[name] = LayerReport(
-                retain_ratio=layer.retain_ratio,
-                alpha=plan.alpha,
-                num_safety=plan.num_safety,
-                num_task=plan.num_task,
-                num_shared=plan.num_shared,
-                num_retained=plan.num_retained,
-                num_columns=layer.in_features,
-                coef=plan.coef,
-            )

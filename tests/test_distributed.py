@@ -31,6 +31,7 @@ from torch.distributed.tensor import Shard, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from hpa_kernels import HessianCollector, HPAOptimizer, calibration, distributed
+from hpa_kernels import optim as hpa_optim
 from hpa_kernels.distributed import is_sharded, plan_sharded_layers
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
@@ -143,15 +144,17 @@ def _plan_bits(plans) -> dict[str, tuple]:
 
 
 def _recording_plans(optimizer: HPAOptimizer) -> dict:
-    """The plans ``end_task`` writes, recorded as it writes them."""
+    """The plans ``optimizer.end_task`` writes, recorded as it writes them (``optim.write_edits``
+    wrapped in this worker process only)."""
     plans: dict = {}
-    write = optimizer._write
+    write = hpa_optim.write_edits
 
-    def record(new_plans, new_weights):
-        plans.update(new_plans)
-        return write(new_plans, new_weights)
+    def record(new_plans, *args, **kwargs):
+        if kwargs["optimizer_state"] is optimizer.state:
+            plans.update(new_plans)
+        return write(new_plans, *args, **kwargs)
 
-    optimizer._write = record
+    hpa_optim.write_edits = record
     return plans
 
 

@@ -24,8 +24,8 @@ from helpers import TinyModel, calibrate, random_batches, run_task, train
 from torch import Tensor, nn
 
 from hpa_kernels import HPAConfig, HPAOptimizer, ops
+from hpa_kernels.edit import HPAEditError
 from hpa_kernels.functional import hpa_layer_update
-from hpa_kernels.optim import HPAEditError
 
 BACKENDS = ops.available_backends()
 each_backend = pytest.mark.parametrize("backend", BACKENDS)

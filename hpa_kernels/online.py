@@ -1,0 +1,104 @@
+"""Online HPA (``HPAConfig(online=True)``): the per-step edit of a managed weight and the refresh
+of its retained-column mask, on the state HPAOptimizer keeps for it.
+
+Invariants after every online step and every refresh, for a managed weight W (r, c) with
+snapshot W_prev and mask M (the retained columns): W[:, M] == W_prev[:, M], and with
+``orthogonal=True`` the free part of ΔW = W − W_prev is orthogonal to W_prev[:, ~M]
+(⟨ΔW[:, ~M], W_prev[:, ~M]⟩ = 0 up to rounding).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import ops
+from .functional import count_columns, top_columns
+
+
+def online_layer_step(
+    working: Tensor,
+    grad: Tensor,
+    state: Mapping[str, Tensor],
+    prev: Tensor,
+    group: Mapping[str, Any],
+    *,
+    orthogonal: bool,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+    backend: str,
+) -> None:
+    """One online step of one managed weight, in place (:func:`hpa_kernels.ops.online_step`):
+    AdamW, the retained columns back to W_prev, ΔW made orthogonal to W_prev, and the attempted
+    update's column energies accumulated into ``state["hpa_col_energy"]``.
+
+    Args:
+        working: (r, c) the tensor the step updates (the fp32 master copy, or the weight).
+        grad: (r, c) its gradient, in ``working``'s dtype.
+        state: the weight's optimizer state (``exp_avg``, ``exp_avg_sq``, ``step``, ``hpa_mask``,
+            ``hpa_col_energy``).
+        prev: (r, c) W_prev in ``working``'s dtype.
+        group: the weight's param group (``lr``, ``betas``, ``eps``, ``weight_decay``, ``maximize``).
+        orthogonal: remove ΔW's component along W_prev (HPA_SPEC.md Step 3).
+        grad_scale, found_inf: the AMP ``GradScaler`` tensors, or ``None``.
+        backend: kernels backend name (``"auto"`` allowed).
+    """
+    beta1, beta2 = group["betas"]
+    ops.online_step(
+        working,
+        grad,
+        state["exp_avg"],
+        state["exp_avg_sq"],
+        state["step"],
+        prev,
+        state["hpa_mask"],
+        state["hpa_col_energy"],
+        lr=group["lr"],
+        beta1=beta1,
+        beta2=beta2,
+        eps=group["eps"],
+        weight_decay=group["weight_decay"],
+        maximize=group["maximize"],
+        grad_scale=grad_scale,
+        found_inf=found_inf,
+        orthogonal=orthogonal,
+        backend=backend,
+    )
+
+
+def refresh_mask(
+    state: Mapping[str, Tensor], prev: Tensor, working: Tensor, retain_ratio: float, *, orthogonal: bool, backend: str
+) -> None:
+    """A new retained-column mask for one managed weight, in place.
+
+    [decision] Mid-task only the safety statistics exist (the task Hessian is collected after the
+    task), so the refresh retains the top ``floor(p_l·c + 0.5)`` columns by
+    ε̄_j = E_j / (r·hinv_s[j]) (HPA_SPEC.md Step 1 with E_j, the energy of the attempted
+    (unconstrained) updates of column j since the last refresh, for the update's squared column
+    norm); E is then reset. Newly retained columns return to W_prev at once and ΔW is
+    re-projected over the free columns (coefficient in fp64), so the module's invariants hold
+    from here on, not only after the next step.
+
+    Args:
+        state: the weight's optimizer state (``hpa_mask`` bool (c,), ``hpa_col_energy`` fp32 (c,),
+            ``hpa_hinv_safety`` fp32 (c,)); the mask and energies are updated in place.
+        prev: (r, c) W_prev in ``working``'s dtype.
+        working: (r, c) the tensor steps update; rewritten in place.
+        retain_ratio: p_l.
+        orthogonal: re-project the free part of ΔW (HPA_SPEC.md Step 3).
+        backend: kernels backend name.
+    """
+    rows, columns = working.shape
+    eps_bar = state["hpa_col_energy"] / (max(rows, 1) * state["hpa_hinv_safety"])
+    mask = torch.zeros(columns, dtype=torch.bool, device=eps_bar.device)
+    mask[top_columns(eps_bar, count_columns(retain_ratio, columns))] = True
+    state["hpa_mask"].copy_(mask)
+    state["hpa_col_energy"].zero_()
+    free_prev = prev.double()[:, ~mask]
+    norm_sq = float(free_prev.square().sum())
+    dot = float(((working.double()[:, ~mask] - free_prev) * free_prev).sum())
+    coef = dot / norm_sq if orthogonal and norm_sq > 0.0 else 0.0
+    working.copy_(ops.hpa_apply(prev, working, mask, coef, backend=backend))
