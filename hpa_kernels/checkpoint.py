@@ -74,8 +74,7 @@ from torch import Tensor
 
 from . import ops
 from .config import SELECTION_MODES, HPAConfig
-from .edit import LayerReport
-from .functional import LayerPlan, plan_layer_update, retention_schedule
+from .functional import LayerPlan, LayerReport, plan_layer_update, retention_schedule
 
 __all__ = [
     "adjust_checkpoint",
@@ -648,10 +647,7 @@ def adjust_checkpoint(
                     hinv_safety[name],
                     hinv_task[name],
                     ratios[name],
-                    alpha_bounds=config.alpha_bounds,
-                    focus_multiplier=config.focus_multiplier,
-                    orthogonal=config.orthogonal,
-                    mode=config.selection,
+                    config=config,
                     backend=backend,
                 )
             except ValueError as error:
@@ -698,19 +694,7 @@ def adjust_checkpoint(
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-    return {
-        name: LayerReport(
-            retain_ratio=ratios[name],
-            alpha=plans[name].alpha,
-            num_safety=plans[name].num_safety,
-            num_task=plans[name].num_task,
-            num_shared=plans[name].num_shared,
-            num_retained=plans[name].num_retained,
-            num_columns=columns[name],
-            coef=plans[name].coef,
-        )
-        for name in hinv_task
-    }
+    return {name: plans[name].report(ratios[name]) for name in hinv_task}
 
 
 def calibrate_main(argv: Sequence[str] | None = None) -> int:

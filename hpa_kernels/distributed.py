@@ -43,7 +43,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import ops
-from .functional import LayerPlan, plan_from_scores
+from .config import HPAConfig
+from .functional import LayerPlan, plan_from_scores, resolve_config
 
 try:  # DTensor is public from torch 2.5; older builds simply never hand us one.
     from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -223,11 +224,9 @@ _PLAN_HEADER = 6  # a broadcast plan: [succeeded, alpha, coef, |S|, |T|, |O|], t
 def plan_sharded_layers(
     layers: Mapping[str, tuple[Tensor, Tensor, Tensor, Tensor, float]],
     *,
-    alpha_bounds: tuple[float, float] = (0.4, 0.8),
-    focus_multiplier: float = 2.0,
-    orthogonal: bool = True,
-    mode: str = "balanced",
+    config: HPAConfig | None = None,
     backend: str = "auto",
+    **deprecated: Any,
 ) -> dict[str, LayerPlan]:
     """HPA_SPEC.md Steps 1–2 and Step 3's c_l for DTensor weights sharded by rows. Collective.
 
@@ -259,8 +258,9 @@ def plan_sharded_layers(
             DTensors of global shape (r, c), placements ``Shard(0)`` or ``Replicate()`` on each
             mesh dimension (an empty local shard is fine); the hinv vectors plain (c,) float
             tensors (the first rank's decide the plan).
-        alpha_bounds, focus_multiplier, orthogonal, mode, backend: as
-            :func:`hpa_kernels.functional.plan_layer_update`.
+        config, backend: as :func:`hpa_kernels.functional.plan_layer_update` (the loose
+            ``alpha_bounds``, ``focus_multiplier``, ``orthogonal`` and ``mode`` still work, with a
+            ``DeprecationWarning``).
 
     Returns:
         ``{name: LayerPlan}`` in the order of ``layers``; bit-identical on every rank of the mesh.
@@ -269,6 +269,7 @@ def plan_sharded_layers(
         ValueError: a weight sharded along columns or partial, mismatched shapes, or a selection
             that failed on the mesh's first rank (non-finite statistics), naming the layer.
     """
+    config = resolve_config(config, deprecated, "plan_sharded_layers")
     buckets: dict[tuple[int, ...], list[str]] = {}
     groups_of: dict[tuple[int, ...], list[Any]] = {}
     sums: dict[str, Tensor] = {}
@@ -318,10 +319,7 @@ def plan_sharded_layers(
                 float(packed[columns]),
                 float(packed[columns + 1]),
                 retain_ratio,
-                alpha_bounds=alpha_bounds,
-                focus_multiplier=focus_multiplier,
-                orthogonal=orthogonal,
-                mode=mode,
+                config=config,
             )
         except ValueError as error:
             failures[name] = error  # payload[0] stays 0: no plan

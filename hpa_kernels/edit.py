@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, MutableMapping
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -14,34 +13,8 @@ from torch import Tensor
 
 from . import adapters, distributed, ops
 from .config import HPAConfig
-from .functional import LayerPlan, plan_layer_update
+from .functional import LayerPlan, LayerReport, plan_layer_update
 from .layers import ManagedLayer
-
-
-@dataclass(frozen=True)
-class LayerReport:
-    """What ``end_task`` did to one layer (HPA_SPEC.md Steps 1–3).
-
-    Attributes:
-        retain_ratio: p_l.
-        alpha: α_l.
-        num_safety, num_task, num_shared: |S|, |T|, |O| (columns).
-        num_retained: columns reverted to W_prev (at most ``floor(p_l·c + 0.5)``).
-        num_columns: c, the layer's in_features.
-        coef: c_l, the projection scalar removed along W_prev.
-    """
-
-    retain_ratio: float
-    alpha: float
-    num_safety: int
-    num_task: int
-    num_shared: int
-    num_retained: int
-    num_columns: int
-    coef: float
-
-    def as_dict(self) -> dict[str, float | int]:
-        return asdict(self)
 
 
 class HPAEditError(RuntimeError):
@@ -165,16 +138,7 @@ def plan_edits(
     }
     plans: dict[str, LayerPlan] = {}
     if sharded:
-        plans.update(
-            distributed.plan_sharded_layers(
-                sharded,
-                alpha_bounds=config.alpha_bounds,
-                focus_multiplier=config.focus_multiplier,
-                orthogonal=config.orthogonal,
-                mode=config.selection,
-                backend=backend,
-            )
-        )
+        plans.update(distributed.plan_sharded_layers(sharded, config=config, backend=backend))
     for name, layer in layers.items():
         if name in sharded:
             continue
@@ -186,10 +150,7 @@ def plan_edits(
                 hinv_safety[name],
                 hinv_task[name].to(device=weight.device, dtype=torch.float32),
                 layer.retain_ratio,
-                alpha_bounds=config.alpha_bounds,
-                focus_multiplier=config.focus_multiplier,
-                orthogonal=config.orthogonal,
-                mode=config.selection,
+                config=config,
                 backend=backend,
             )
         except ValueError as error:
@@ -258,13 +219,4 @@ def write_edits(
                 [n for n in layers if n in edited],
                 [n for n in layers if n not in edited],
             ) from error
-        edited[name] = LayerReport(
-            retain_ratio=layer.retain_ratio,
-            alpha=plan.alpha,
-            num_safety=plan.num_safety,
-            num_task=plan.num_task,
-            num_shared=plan.num_shared,
-            num_retained=plan.num_retained,
-            num_columns=layer.in_features,
-            coef=plan.coef,
-        )
+        edited[name] = plan.report(layer.retain_ratio)

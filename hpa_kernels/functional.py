@@ -15,16 +15,20 @@ rank selects the same columns:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import warnings
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from . import ops
-from .config import SELECTION_MODES
+from .config import SELECTION_MODES, HPAConfig
 
 __all__ = [
     "LayerPlan",
+    "LayerReport",
     "LayerUpdate",
     "balance_alpha",
     "column_scores",
@@ -288,6 +292,33 @@ def select_columns(
 
 
 @dataclass(frozen=True)
+class LayerReport:
+    """What the edit did to one layer (HPA_SPEC.md Steps 1–3), as ``end_task`` and
+    ``adjust_checkpoint`` return it.
+
+    Attributes:
+        retain_ratio: p_l.
+        alpha: α_l.
+        num_safety, num_task, num_shared: |S|, |T|, |O| (columns).
+        num_retained: columns reverted to W_prev (at most ``floor(p_l·c + 0.5)``).
+        num_columns: c, the layer's in_features.
+        coef: c_l, the projection scalar removed along W_prev.
+    """
+
+    retain_ratio: float
+    alpha: float
+    num_safety: int
+    num_task: int
+    num_shared: int
+    num_retained: int
+    num_columns: int
+    coef: float
+
+    def as_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class LayerPlan:
     """Steps 1–2 and Step 3's scalar for one layer: everything of the edit but the write.
 
@@ -309,6 +340,19 @@ class LayerPlan:
     def num_retained(self) -> int:
         return int(self.mask.sum())
 
+    def report(self, retain_ratio: float) -> LayerReport:
+        """The :class:`LayerReport` of this plan, written with retain ratio p_l = ``retain_ratio``."""
+        return LayerReport(
+            retain_ratio=retain_ratio,
+            alpha=self.alpha,
+            num_safety=self.num_safety,
+            num_task=self.num_task,
+            num_shared=self.num_shared,
+            num_retained=self.num_retained,
+            num_columns=self.mask.numel(),
+            coef=self.coef,
+        )
+
 
 @dataclass(frozen=True)
 class LayerUpdate(LayerPlan):
@@ -316,6 +360,38 @@ class LayerUpdate(LayerPlan):
     in the dtype of ``w_new``."""
 
     weight: Tensor
+
+
+_CONFIG_KEYWORDS = {
+    "alpha_bounds": "alpha_bounds",
+    "focus_multiplier": "focus_multiplier",
+    "orthogonal": "orthogonal",
+    "mode": "selection",
+}
+
+
+def resolve_config(config: HPAConfig | None, loose: Mapping[str, Any], caller: str) -> HPAConfig:
+    """``config`` (default :class:`HPAConfig`), updated with the loose keyword arguments that
+    ``caller`` took before it took a config: ``alpha_bounds``, ``focus_multiplier``,
+    ``orthogonal`` and ``mode`` (``HPAConfig.selection``), each with a ``DeprecationWarning``.
+
+    Raises:
+        TypeError: an unknown keyword argument.
+        ValueError: a value :class:`HPAConfig` rejects.
+    """
+    config = HPAConfig() if config is None else config
+    if not loose:
+        return config
+    unknown = sorted(set(loose) - set(_CONFIG_KEYWORDS))
+    if unknown:
+        raise TypeError(f"{caller}() got an unexpected keyword argument {unknown[0]!r}")
+    warnings.warn(
+        f"{caller}({', '.join(f'{k}=' for k in loose)}) is deprecated: pass config=HPAConfig(...) "
+        "(these keywords are removed in the next release)",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return replace(config, **{_CONFIG_KEYWORDS[k]: v for k, v in loose.items()})
 
 
 def _check_layer_inputs(w_prev: Tensor, w_new: Tensor, hinv_safety: Tensor, hinv_task: Tensor) -> None:
@@ -342,33 +418,22 @@ def plan_layer_update(
     hinv_task: Tensor,
     retain_ratio: float,
     *,
-    alpha_bounds: tuple[float, float] = (0.4, 0.8),
-    focus_multiplier: float = 2.0,
-    orthogonal: bool = True,
-    mode: str = "balanced",
+    config: HPAConfig | None = None,
     backend: str = "torch",
+    **deprecated: Any,
 ) -> LayerPlan:
     """HPA_SPEC.md Steps 1–2 and Step 3's c_l for one layer, without writing any weight.
 
     One reduce pass over the two matrices (ε̄, ζ̄, ⟨ΔW, W_prev⟩, ‖W_prev‖²), then the selection on
     c-length vectors. Arguments and errors as :func:`hpa_layer_update`.
     """
+    config = resolve_config(config, deprecated, "plan_layer_update")
     _check_layer_inputs(w_prev, w_new, hinv_safety, hinv_task)
     eps_bar, zeta_bar, dot, norm_sq = ops.hpa_reduce(w_prev, w_new, hinv_safety, hinv_task, backend=backend)
     # A NaN / Inf anywhere in w_prev or w_new reaches ΔW², hence ε̄ and ζ̄ (and the two sums).
     if not bool(torch.isfinite(torch.cat([eps_bar, zeta_bar, dot.reshape(1), norm_sq.reshape(1)])).all()):
         raise ValueError("w_prev or w_new holds NaN or Inf (or values whose squares overflow float32)")
-    return plan_from_scores(
-        eps_bar,
-        zeta_bar,
-        dot,
-        norm_sq,
-        retain_ratio,
-        alpha_bounds=alpha_bounds,
-        focus_multiplier=focus_multiplier,
-        orthogonal=orthogonal,
-        mode=mode,
-    )
+    return plan_from_scores(eps_bar, zeta_bar, dot, norm_sq, retain_ratio, config=config)
 
 
 def plan_from_scores(
@@ -378,10 +443,8 @@ def plan_from_scores(
     norm_sq: float | Tensor,
     retain_ratio: float,
     *,
-    alpha_bounds: tuple[float, float] = (0.4, 0.8),
-    focus_multiplier: float = 2.0,
-    orthogonal: bool = True,
-    mode: str = "balanced",
+    config: HPAConfig | None = None,
+    **deprecated: Any,
 ) -> LayerPlan:
     """HPA_SPEC.md Steps 1–2 and Step 3's c_l from an already reduced layer (no weight read).
 
@@ -391,13 +454,14 @@ def plan_from_scores(
     Args:
         eps_bar, zeta_bar: (c,) float32 column scores ε̄, ζ̄ (as ``ops.hpa_reduce`` returns them).
         dot, norm_sq: ⟨ΔW, W_prev⟩_F and ‖W_prev‖_F².
-        retain_ratio, alpha_bounds, focus_multiplier, orthogonal, mode: as :func:`hpa_layer_update`.
+        retain_ratio, config: as :func:`hpa_layer_update`.
 
     Raises:
         ValueError: mismatched shapes, non-finite scores or an unknown mode.
     """
-    selection = _select(eps_bar, zeta_bar, retain_ratio, alpha_bounds, focus_multiplier, mode)
-    coef = projection_coef(dot, norm_sq) if orthogonal else 0.0
+    config = resolve_config(config, deprecated, "plan_from_scores")
+    selection = _select(eps_bar, zeta_bar, retain_ratio, config.alpha_bounds, config.focus_multiplier, config.selection)
+    coef = projection_coef(dot, norm_sq) if config.orthogonal else 0.0
     return LayerPlan(
         selection.mask, selection.alpha, coef, selection.num_safety, selection.num_task, selection.num_shared
     )
@@ -410,12 +474,10 @@ def hpa_layer_update(
     hinv_task: Tensor,
     retain_ratio: float,
     *,
-    alpha_bounds: tuple[float, float] = (0.4, 0.8),
-    focus_multiplier: float = 2.0,
-    orthogonal: bool = True,
-    mode: str = "balanced",
+    config: HPAConfig | None = None,
     out: Tensor | None = None,
     backend: str = "torch",
+    **deprecated: Any,
 ) -> LayerUpdate:
     """The whole HPA edit of one linear layer (HPA_SPEC.md Steps 1–3).
 
@@ -425,8 +487,9 @@ def hpa_layer_update(
         w_prev, w_new: (r, c) weights before and after the task, same dtype and device.
         hinv_safety, hinv_task: (c,) positive, finite (:func:`hinv_diagonal`).
         retain_ratio: p_l of the layer's block (:func:`retention_schedule`).
-        alpha_bounds, focus_multiplier, mode: see :func:`select_columns`.
-        orthogonal: apply Step 3's projection (False: c_l = 0, the paper's ablation).
+        config: the knobs read here: ``alpha_bounds``, ``focus_multiplier``, ``selection`` (see
+            :func:`select_columns`) and ``orthogonal`` (Step 3's projection; False: c_l = 0,
+            the paper's ablation). Default: :class:`HPAConfig` ().
         out: optional destination (e.g. the parameter itself, for an in-place edit).
         backend: kernels backend for the two passes.
 
@@ -435,18 +498,10 @@ def hpa_layer_update(
 
     Raises:
         ValueError: shape or dtype mismatch, non-finite weights or statistics, non-positive hinv.
+        TypeError: an unknown keyword argument (the loose ``alpha_bounds``, ``focus_multiplier``,
+            ``orthogonal`` and ``mode`` still work, with a ``DeprecationWarning``).
     """
-    plan = plan_layer_update(
-        w_prev,
-        w_new,
-        hinv_safety,
-        hinv_task,
-        retain_ratio,
-        alpha_bounds=alpha_bounds,
-        focus_multiplier=focus_multiplier,
-        orthogonal=orthogonal,
-        mode=mode,
-        backend=backend,
-    )
+    config = resolve_config(config, deprecated, "hpa_layer_update")
+    plan = plan_layer_update(w_prev, w_new, hinv_safety, hinv_task, retain_ratio, config=config, backend=backend)
     weight = ops.hpa_apply(w_prev, w_new, plan.mask, plan.coef, out, backend=backend)
     return LayerUpdate(plan.mask, plan.alpha, plan.coef, plan.num_safety, plan.num_task, plan.num_shared, weight)

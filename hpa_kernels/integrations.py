@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from transformers import TrainerCallback
 
 from .calibration import HessianCollector
-from .edit import LayerReport
+from .functional import LayerReport
 from .optim import HPAOptimizer
 
 __all__ = ["HPACallback", "calibrate", "collect_hessians", "decoder_attention_mask", "take_samples"]

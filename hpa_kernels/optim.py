@@ -15,13 +15,13 @@ from . import adapters, distributed, online, ops, optim_state
 from .config import HPAConfig
 from .edit import (
     HPAEditError,
-    LayerReport,
     check_statistics,
     check_task_support,
     check_weights_finite,
     plan_edits,
     write_edits,
 )
+from .functional import LayerReport
 from .layers import ManagedLayer, find_hpa_layers
 
 __all__ = ["HPAEditError", "HPAOptimizer", "LayerReport"]

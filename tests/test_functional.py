@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from hpa_kernels import functional as F
+from hpa_kernels.config import HPAConfig
 
 
 def test_retention_schedule_endpoints_and_linearity():
@@ -172,8 +173,49 @@ def test_hpa_layer_update_orthogonal_step():
     delta = update.weight - w_prev
     assert abs(float((delta * w_prev).sum())) <= 1e-5 * float(delta.norm() * w_prev.norm())
     assert update.coef == pytest.approx(float(((w_new - w_prev) * w_prev).sum() / w_prev.square().sum()), rel=1e-5)
-    no_orth = F.hpa_layer_update(w_prev, w_new, ones, ones, 0.0, orthogonal=False)
+    no_orth = F.hpa_layer_update(w_prev, w_new, ones, ones, 0.0, config=HPAConfig(orthogonal=False))
     assert no_orth.coef == 0.0 and torch.equal(no_orth.weight, w_new)
+
+
+def test_loose_config_keywords_still_work_with_a_deprecation_warning():
+    """``alpha_bounds`` / ``focus_multiplier`` / ``orthogonal`` / ``mode`` as keywords give the
+    same plan as the equal HPAConfig, with a DeprecationWarning; an unknown keyword is a TypeError."""
+    torch.manual_seed(5)
+    w_prev, hs, ht = torch.randn(16, 40), torch.rand(40) + 0.1, torch.rand(40) + 0.1
+    w_new = w_prev + 0.05 * torch.randn(16, 40)
+    config = HPAConfig(alpha_bounds=(0.1, 0.3), focus_multiplier=3.0, orthogonal=False, selection="safety_only")
+    expected = F.plan_layer_update(w_prev, w_new, hs, ht, 0.15, config=config)
+    with pytest.warns(DeprecationWarning, match="pass config=HPAConfig"):
+        loose = F.plan_layer_update(
+            w_prev,
+            w_new,
+            hs,
+            ht,
+            0.15,
+            alpha_bounds=(0.1, 0.3),
+            focus_multiplier=3.0,
+            orthogonal=False,
+            mode="safety_only",
+        )
+    assert torch.equal(loose.mask, expected.mask) and (loose.alpha, loose.coef) == (expected.alpha, expected.coef)
+    assert expected.coef == 0.0 and expected.num_retained > 0
+    with pytest.raises(TypeError, match="unexpected keyword argument 'selection'"):
+        F.hpa_layer_update(w_prev, w_new, hs, ht, 0.15, selection="safety_only")
+
+
+def test_plan_report_holds_the_plan_and_the_layer():
+    mask = torch.tensor([True, False, False, True, False])
+    plan = F.LayerPlan(mask, alpha=0.5, coef=-0.25, num_safety=2, num_task=3, num_shared=1)
+    assert plan.report(0.1).as_dict() == {
+        "retain_ratio": 0.1,
+        "alpha": 0.5,
+        "num_safety": 2,
+        "num_task": 3,
+        "num_shared": 1,
+        "num_retained": 2,
+        "num_columns": 5,
+        "coef": -0.25,
+    }
 
 
 def test_hpa_layer_update_zero_prev_gives_zero_coef():
