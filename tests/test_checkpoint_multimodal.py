@@ -414,13 +414,13 @@ def test_legacy_conversion_rules_give_the_same_names(tmp_path, monkeypatch) -> N
     LLaVA's original names to the same module names as the installed transformers' rules."""
     import sys
 
-    from hpa_kernels.checkpoint import _loading_names, _skeleton
+    from hpa_kernels.checkpoint.names import loading_names, meta_model
 
     save_llava(tiny_llava(), tiny_processor(), tmp_path / "ckpt", "original")
-    skeleton = _skeleton(tmp_path / "ckpt")
+    skeleton = meta_model(tmp_path / "ckpt")
     names = list(stored(tmp_path / "ckpt"))
-    current = _loading_names(skeleton, names)
+    current = loading_names(skeleton, names)
     assert {module for module, _ in current.values()} == set(skeleton.state_dict())
     monkeypatch.setitem(sys.modules, "transformers.core_model_loading", None)  # the import fails
     monkeypatch.setattr(type(skeleton), "_checkpoint_conversion_mapping", LEGACY_LLAVA_RULES, raising=False)
-    assert _loading_names(skeleton, names) == current
+    assert loading_names(skeleton, names) == current
