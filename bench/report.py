@@ -6,6 +6,9 @@ the end-of-task edit, the calibration hooks and the memory per parameter, side b
 Bytes are counted by :func:`bench.workloads.step_bytes` and :func:`bench.workloads.edit_bytes`
 (every tensor a fused pass must read or write, once). Times are medians after warm-up, with the
 min–max of the timed repeats. ``--quick`` runs small sizes only (a smoke test of the script, not a report).
+
+This module measures; :mod:`bench.record` holds what a run measured, :mod:`bench.targets` judges it
+against the targets and :mod:`bench.render` writes the Markdown and the figure.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,6 +29,9 @@ from hpa_kernels import HessianCollector, ops
 
 from .harness import copy_bandwidth, machine_info, measure_many
 from .memprobe import probe_memory
+from .record import Report
+from .render import markdown, plot
+from .targets import evaluate_targets
 from .workloads import (
     MINILM_L6,
     BertEncoder,
@@ -53,33 +58,6 @@ REFERENCE_MAX_PARAMS = 3e7
 # Per-layer edit shapes (out_features, in_features): MiniLM attention and FFN, Llama-1B q and down.
 EDIT_LAYERS = (("minilm attn (384, 384)", 384, 384), ("minilm ffn (1536, 384)", 1536, 384))
 EDIT_LAYERS_FULL = EDIT_LAYERS + (("llama q (2048, 2048)", 2048, 2048), ("llama down (2048, 8192)", 2048, 8192))
-
-TARGETS = {
-    "plain": 1.0,  # HPA plain step time / torch fused AdamW time, at most
-    "online": 1.15,  # HPA online step time / torch fused AdamW time, at most
-    "edit": 3.0,  # torch-backend edit time / compiled-backend edit time, at least
-    "bandwidth": 0.60,  # plain step GB/s / copy GB/s at >= 1e7 parameters, at least
-}
-
-
-@dataclass
-class Report:
-    """Everything one run measured; ``as_dict`` is the JSON file."""
-
-    machine: dict
-    config: dict
-    bandwidth: dict = field(default_factory=dict)
-    steps: list[dict] = field(default_factory=list)
-    edit_layers: list[dict] = field(default_factory=list)
-    edit_models: list[dict] = field(default_factory=list)
-    calibration: list[dict] = field(default_factory=list)
-    memory: list[dict] = field(default_factory=list)
-    targets: list[dict] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    elapsed_s: float = 0.0
-
-    def as_dict(self) -> dict:
-        return dict(self.__dict__)
 
 
 def _log(message: str) -> None:
@@ -243,268 +221,6 @@ def bench_calibration(report: Report, args: argparse.Namespace) -> None:
         }
     )
     _log(f"calibration forward {plain.median * 1e3:.1f} ms, with collector {hooked.median * 1e3:.1f} ms")
-
-
-# ---------------------------------------------------------------------------------------- targets
-
-
-def evaluate_targets(report: Report, ours: str) -> None:
-    """Mark each target met / missed from the rows measured (worst case over the sets)."""
-    steps = [r for r in report.steps if "timing" in r]
-
-    def ratios(variant: str, key: str = "vs_fused") -> list[tuple[str, float]]:
-        return [(r["set"], r[key]) for r in steps if r["variant"] == variant and key in r]
-
-    def target(name: str, goal: str, values: list[tuple[str, float]], ok, unit: str, worst, on_min=None) -> None:
-        if not values:
-            report.targets.append({"target": name, "goal": goal, "status": "not measured", "values": {}})
-            return
-        bad = [s for s, v in values if not ok(v)]
-        report.targets.append(
-            {
-                "target": name,
-                "goal": goal,
-                "status": "met" if not bad else "missed",
-                "worst": worst(v for _, v in values),
-                "unit": unit,
-                "missed_on": bad,
-                "values": dict(values),
-            }
-        )
-        if on_min:  # the same ratio on each side's fastest repeat: least disturbed by other processes
-            report.targets[-1]["worst_min_times"] = worst(v for _, v in on_min)
-
-    target(
-        f"plain step (hpa-plain[{ours}]) vs torch fused AdamW",
-        f"≤ {TARGETS['plain']:.2f}× on every set",
-        ratios(f"hpa-plain[{ours}]"),
-        lambda v: v <= TARGETS["plain"],
-        "×",
-        max,
-        ratios(f"hpa-plain[{ours}]", key="vs_fused_min"),
-    )
-    target(
-        f"online step (hpa-online[{ours}]) vs torch fused AdamW",
-        f"≤ {TARGETS['online']:.2f}× on every set",
-        ratios(f"hpa-online[{ours}]"),
-        lambda v: v <= TARGETS["online"],
-        "×",
-        max,
-        ratios(f"hpa-online[{ours}]", key="vs_fused_min"),
-    )
-    if ours == "torch":
-        report.targets.append(
-            {"target": "end-of-task edit vs torch backend", "goal": "≥ 3×", "status": "not measured", "values": {}}
-        )
-    else:
-        edits = [(f"layer {r['layer']}", r["speedup_vs_torch"]) for r in report.edit_layers if r["backend"] == ours]
-        edits += [(f"model {r['set']}", r["speedup_vs_torch"]) for r in report.edit_models if r["backend"] == ours]
-        target(
-            f"end-of-task edit, {ours} vs torch backend",
-            f"≥ {TARGETS['edit']:.0f}× faster, per layer and whole model",
-            edits,
-            lambda v: v >= TARGETS["edit"],
-            "× faster",
-            min,
-        )
-    shares = [(r["set"], r["copy_share"]) for r in steps if r["variant"] == f"hpa-plain[{ours}]" and r["params"] >= 1e7]
-    target(
-        f"plain step (hpa-plain[{ours}]) bandwidth at ≥ 1e7 parameters",
-        f"≥ {TARGETS['bandwidth']:.0%} of copy bandwidth",
-        shares,
-        lambda v: v >= TARGETS["bandwidth"],
-        "of copy",
-        min,
-    )
-
-
-# ---------------------------------------------------------------------------------------- output
-
-
-def _ms(timing: dict) -> str:
-    median = timing["median"]
-    scale, unit = (1.0, "s") if median >= 1.0 else (1e3, "ms") if median >= 1e-3 else (1e6, "µs")
-    return f"{timing['median'] * scale:.3g} {unit} ({timing['min'] * scale:.3g}–{timing['max'] * scale:.3g})"
-
-
-def _params(n: float) -> str:
-    return f"{n / 1e6:.3g}M" if n >= 1e6 else f"{n / 1e3:.3g}k"
-
-
-def markdown(report: Report, plot_name: str) -> str:
-    m = report.machine
-    bw = report.bandwidth
-    lines = [
-        f"# hpa-kernels performance report — {m['name']}",
-        "",
-        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; torch {m['torch']} "
-        f"({m['torch_threads']} threads); hpa-kernels {m['hpa_kernels']}; backends {', '.join(m['backends'])}. "
-        f"Load average at start / end: {report.config['loadavg_start']} / {report.config['loadavg_end']}. "
-        f"Run: `{report.config['command']}`, {report.elapsed_s:.0f} s.",
-        "",
-        f"Times: median over the timed repeats after {report.config['warmup']} warm-up call(s), (min–max) "
-        "after it. GB/s: bytes counted by bench.workloads (AdamW: p, g, m, v read, p, m, v "
-        "written; online: + W_prev and the mask of managed layers; edit: 5 × the layer's bytes) over "
-        "the median time.",
-        "",
-        f"Copy bandwidth (2 × {bw['bytes'] >> 20} MiB per copy): **{bw['gbps']:.2f} GB/s** ({bw['best_method']}); "
-        + ", ".join(f"{k} {v['gbps']:.2f}" for k, v in bw["methods"].items())
-        + f"; in-place scale (read + write of the same lines, no write-allocate) {bw['inplace_scale']['gbps']:.2f} GB/s.",
-        "",
-        "## Targets",
-        "",
-        "| target | goal | status | worst (medians) | worst (min times) | where missed |",
-        "|---|---|---|---|---|---|",
-    ]
-    for t in report.targets:
-        worst = f"{t['worst']:.2f} {t['unit']}" if "worst" in t else "—"
-        if t.get("unit") == "of copy":
-            worst = f"{t['worst']:.0%} of copy"
-        on_min = f"{t['worst_min_times']:.2f} ×" if "worst_min_times" in t else "—"
-        lines.append(
-            f"| {t['target']} | {t['goal']} | **{t['status']}** | {worst} | {on_min} | "
-            f"{', '.join(t.get('missed_on', [])) or '—'} |"
-        )
-    lines += [
-        "",
-        f"![time per step, GB/s, ratio to torch fused AdamW, edit speed-up]({plot_name})",
-        "",
-        "## Optimizer step",
-        "",
-        "| set | params | tensors | variant | time per step (min–max) | GB/s | % copy BW | × torch fused | × fused (min times) |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in report.steps:
-        if "timing" not in r:
-            lines.append(
-                f"| {r['set']} | {_params(r['params'])} | {r['tensors']} | {r['variant']} | skipped: {r['skipped']} | | | | |"
-            )
-            continue
-        lines.append(
-            f"| {r['set']} | {_params(r['params'])} | {r['tensors']} | {r['variant']} | {_ms(r['timing'])} | "
-            f"{r['gbps']:.2f} | {r['copy_share']:.0%} | {r['vs_fused']:.2f} | {r.get('vs_fused_min', float('nan')):.2f} |"
-        )
-    lines += [
-        "",
-        "## End-of-task edit (reduce + select + write)",
-        "",
-        "Per layer (`functional.hpa_layer_update`, and its two passes alone, `ops.hpa_reduce`, `ops.hpa_apply`):",
-        "",
-        "| layer | backend | edit (min–max) | edit GB/s | reduce GB/s | apply GB/s | speed-up vs torch |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in report.edit_layers:
-        lines.append(
-            f"| {r['layer']} | {r['backend']} | {_ms(r['edit']['timing'])} | {r['edit']['gbps']:.2f} | "
-            f"{r['reduce']['gbps']:.2f} | {r['apply']['gbps']:.2f} | {r.get('speedup_vs_torch', float('nan')):.1f}× |"
-        )
-    lines += [
-        "",
-        "Whole model (`HPAOptimizer.end_task`, every managed layer):",
-        "",
-        "| set | managed layers | managed params | backend | end_task (min–max) | GB/s | speed-up vs torch |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in report.edit_models:
-        lines.append(
-            f"| {r['set']} | {r['managed_layers']} | {_params(r['managed_params'])} | {r['backend']} | {_ms(r['timing'])} | "
-            f"{r['gbps']:.2f} | {r.get('speedup_vs_torch', float('nan')):.1f}× |"
-        )
-    lines += ["", "## HessianCollector overhead per forward pass", ""]
-    for c in report.calibration:
-        lines.append(
-            f"{c['model']}, batch {c['batch'][0]} × {c['batch'][1]} tokens, {c['watched_layers']} watched layers: "
-            f"forward {_ms(c['forward'])}, with the collector {_ms(c['forward_with_collector'])}: "
-            f"**+{c['overhead_s'] * 1e3:.1f} ms (+{c['overhead_ratio']:.0%})** per forward; the hooks' XᵀX "
-            f"products are {c['collector_gflop']:.1f} GFLOP, {c['collector_gflops']:.0f} GFLOP/s over the overhead."
-        )
-    lines += [
-        "",
-        "## Memory per parameter",
-        "",
-        "Optimizer state (exact tensor bytes: moments, step counts, W_prev snapshots, statistics) and the "
-        "measured peak RSS above the resident parameters and gradients over creation, `begin_task` and two "
-        f"steps, on {report.config['memory_set']} (fresh process).",
-        "",
-        "| variant | task open | state B/param | peak B/param |",
-        "|---|---|---|---|",
-    ]
-    for r in report.memory:
-        peak = "—" if r["peak_bytes"] is None else f"{r['peak_bytes'] / r['params']:.2f}"
-        lines.append(
-            f"| {r['variant']} | {'yes' if r['task'] else 'no'} | {r['state_bytes'] / r['params']:.2f} | {peak} |"
-        )
-    if report.notes:
-        lines += ["", "## Notes", ""] + [f"* {n}" for n in report.notes]
-    return "\n".join(lines) + "\n"
-
-
-def plot(report: Report, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    sweep = [r for r in report.steps if r["set"].startswith("sweep-") and "timing" in r]
-    variants = list(dict.fromkeys(r["variant"] for r in sweep))
-    fig, axes = plt.subplots(2, 2, figsize=(13, 9.5))
-    (ax_time, ax_bw), (ax_ratio, ax_edit) = axes
-    shaped = [r for r in report.steps if not r["set"].startswith("sweep-") and "timing" in r]
-    markers = {name: marker for name, marker in zip(dict.fromkeys(r["set"] for r in shaped), "*Ds^")}
-    for index, variant in enumerate(variants):
-        color = f"C{index}"
-        rows = sorted((r for r in sweep if r["variant"] == variant), key=lambda r: r["params"])
-        x = [r["params"] for r in rows]
-        med = [r["timing"]["median"] for r in rows]
-        err = [[m - r["timing"]["min"] for m, r in zip(med, rows)], [r["timing"]["max"] - m for m, r in zip(med, rows)]]
-        style = "--" if variant.startswith("adamw") else "-"
-        ax_time.errorbar(x, med, yerr=err, fmt=style + "o", color=color, ms=4, capsize=3, label=variant)
-        ax_bw.plot(x, [r["gbps"] for r in rows], style + "o", color=color, ms=4, label=variant)
-        ax_ratio.plot(x, [r["vs_fused"] for r in rows], style + "o", color=color, ms=4, label=variant)
-        for r in (r for r in shaped if r["variant"] == variant):
-            point = {"color": color, "marker": markers[r["set"]], "ms": 9, "ls": "none", "mec": "k"}
-            ax_time.plot(r["params"], r["timing"]["median"], **point)
-            ax_bw.plot(r["params"], r["gbps"], **point)
-            ax_ratio.plot(r["params"], r["vs_fused"], **point)
-    for name, marker in markers.items():
-        for ax in (ax_time, ax_bw, ax_ratio):
-            ax.plot([], [], marker=marker, color="w", mec="k", ms=9, ls="none", label=name)
-    copy_gbps = report.bandwidth["gbps"]
-    ax_bw.axhline(copy_gbps, color="k", lw=1, label=f"copy {copy_gbps:.1f} GB/s")
-    ax_bw.axhline(TARGETS["bandwidth"] * copy_gbps, color="k", lw=1, ls=":", label="60% of copy")
-    ax_ratio.axhline(TARGETS["plain"], color="k", lw=1, label="plain target 1.0×")
-    ax_ratio.axhline(TARGETS["online"], color="k", lw=1, ls=":", label="online target 1.15×")
-    for ax, title, ylabel in (
-        (ax_time, "time per step (median, min–max)", "seconds"),
-        (ax_bw, "achieved bandwidth (bench.workloads byte count)", "GB/s"),
-        (ax_ratio, "time / torch AdamW(fused=True)", "ratio"),
-    ):
-        ax.set_xscale("log")
-        ax.set_xlabel("parameters (lines: 4 Llama-style blocks; large markers: model-shaped sets)")
-        ax.set_ylabel(ylabel)
-        ax.set_title(title)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    ax_time.set_yscale("log")
-    ax_ratio.set_yscale("log")
-    edits = [r for r in report.edit_layers if r["backend"] != "torch"]
-    edits_m = [r for r in report.edit_models if r["backend"] != "torch"]
-    labels = [f"{r['layer']}\n[{r['backend']}]" for r in edits] + [
-        f"end_task {r['set']}\n[{r['backend']}]" for r in edits_m
-    ]
-    values = [r.get("speedup_vs_torch", 0.0) for r in edits + edits_m]
-    if values:
-        ax_edit.barh(range(len(values)), values, color="tab:green")
-        ax_edit.set_yticks(range(len(values)), labels, fontsize=7)
-        ax_edit.axvline(TARGETS["edit"], color="k", lw=1, ls=":", label="target 3×")
-        ax_edit.legend(fontsize=7)
-    ax_edit.set_xlabel("speed-up over the torch backend")
-    ax_edit.set_title("end-of-task edit (reduce + select + write)")
-    m = report.machine
-    fig.suptitle(f"hpa-kernels on {m['cpu']} ({m['cores']} cores), torch {m['torch']}", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------- main
