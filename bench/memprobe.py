@@ -64,7 +64,7 @@ def _probe(model, variant, task: bool) -> dict:
     exact = reset_peak_rss()
     opt = make_optimizer(variant, model)
     if task and variant.kind == "hpa-plain":
-        opt.begin_task(safety_hessians=hinv_vectors(model, opt.hpa_layers, seed=1))
+        opt.begin_task(hinv_safety=hinv_vectors(model, opt.hpa_layers, seed=1))
     for _ in range(2):
         opt.step()
     params = sum(p.numel() for p in model.parameters())

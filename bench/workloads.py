@@ -295,7 +295,7 @@ def make_optimizer(variant: StepVariant, model: ShapedModel):
         model, lr=LR, weight_decay=WEIGHT_DECAY, hpa=HPAConfig(online=online), backend=variant.option
     )
     if online:
-        opt.begin_task(safety_hessians=hinv_vectors(model, opt.hpa_layers, seed=1))
+        opt.begin_task(hinv_safety=hinv_vectors(model, opt.hpa_layers, seed=1))
     return opt
 
 
@@ -386,11 +386,11 @@ class ModelEdit:
         }
 
     def setup(self) -> tuple[tuple, dict]:
-        self.opt.begin_task(safety_hessians=self.safety)
+        self.opt.begin_task(hinv_safety=self.safety)
         with torch.no_grad():
             for name, layer in self.opt.hpa_layers.items():
                 layer.module.weight.add_(self._delta[name].to(layer.module.weight.device))
         return (), {}
 
     def run(self) -> object:
-        return self.opt.end_task(task_hessians=self.task)
+        return self.opt.end_task(hinv_task=self.task)

@@ -32,7 +32,7 @@ def check_statistics(
     """The per-layer statistics ``{name: diag(H⁻¹)}`` checked against the managed layers.
 
     Args:
-        kind: the argument's name, for the messages (``"safety_hessians"``, ``"task_hessians"``).
+        kind: the argument's name, for the messages (``"hinv_safety"``, ``"hinv_task"``).
         vectors: ``{name: (in_features,) tensor}`` (``HessianCollector.hinv()``).
         layers: the managed layers.
 

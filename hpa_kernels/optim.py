@@ -26,7 +26,26 @@ from .layers import ManagedLayer, find_hpa_layers
 
 __all__ = ["HPAEditError", "HPAOptimizer", "LayerReport"]
 
+
 # Attributes of HPAOptimizer kept by copy.deepcopy and pickle besides torch.optim.Optimizer's own.
+def _renamed(method: str, name: str, value: Any, old_name: str, old_value: Any) -> Any:
+    """``value``, or ``old_value`` passed under the argument's former name (a ``DeprecationWarning``).
+
+    Raises:
+        TypeError: both names given.
+    """
+    if old_value is None:
+        return value
+    if value is not None:
+        raise TypeError(f"HPAOptimizer.{method}: pass {name} only ({old_name} is its former name)")
+    warnings.warn(
+        f"HPAOptimizer.{method}({old_name}=...) is deprecated: pass {name}=... (removed in the next release)",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return old_value
+
+
 _PICKLED_ATTRS = ("hpa", "backend", "hpa_layers", "_edited", "_in_task", "_tasks_completed", "_online_steps")
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 # Parameter dtypes every kernels backend steps; the "torch" reference also steps float64.
@@ -44,9 +63,9 @@ class HPAOptimizer(Optimizer):
 
     with fp32 math and fp32 moments whatever the parameter dtype. Around each task:
 
-    * ``begin_task(safety_hessians)`` snapshots W_prev of every managed layer and keeps its
+    * ``begin_task(hinv_safety)`` snapshots W_prev of every managed layer and keeps its
       safety statistics ``hinv_s`` (HPA_SPEC.md Step 0, safety set on W_prev);
-    * ``end_task(task_hessians)`` applies Steps 1–3 to every managed layer, in place, after
+    * ``end_task(hinv_task)`` applies Steps 1–3 to every managed layer, in place, after
       checking every input (nothing is written when a check fails).
 
     **Low precision.** Without master weights a bf16 / fp16 parameter is the only copy: each step
@@ -491,13 +510,18 @@ class HPAOptimizer(Optimizer):
     # ------------------------------------------------------------------ the HPA task lifecycle
 
     @torch.no_grad()
-    def begin_task(self, safety_hessians: Mapping[str, Tensor] | None = None) -> None:
+    def begin_task(
+        self, hinv_safety: Mapping[str, Tensor] | None = None, *, safety_hessians: Mapping[str, Tensor] | None = None
+    ) -> None:
         """Start a task: snapshot W_prev of every managed layer and keep its safety statistics.
 
         Args:
-            safety_hessians: ``{name: hinv_s}``, (in_features,) positive finite vectors, one per
-                managed layer (``HessianCollector.hinv()`` on the safety set, on W_prev). May be
+            hinv_safety: ``{name: hinv_s}``, diag(H⁻¹) of the layer's inputs on the safety set
+                (:func:`hpa_kernels.integrations.calibrate` or ``HessianCollector.hinv()``, on
+                W_prev): (in_features,) positive finite vectors, one per managed layer. May be
                 ``None`` only when ``hpa.enabled`` is False.
+            safety_hessians: the former name of ``hinv_safety`` (a ``DeprecationWarning``; removed
+                in the next release).
 
         Raises:
             RuntimeError: a task is already open.
@@ -506,10 +530,11 @@ class HPAOptimizer(Optimizer):
                 sharded or ``Conv1D`` (transposed) layer, naming the layer. Nothing is stored
                 when it raises.
         """
+        hinv_safety = _renamed("begin_task", "hinv_safety", hinv_safety, "safety_hessians", safety_hessians)
         if self._in_task:
             raise RuntimeError("HPAOptimizer.begin_task: a task is already open; call end_task first")
         if self.hpa.enabled:
-            checked = check_statistics("safety_hessians", safety_hessians, self.hpa_layers)
+            checked = check_statistics("hinv_safety", hinv_safety, self.hpa_layers)
             check_weights_finite(self.hpa_layers)
             check_task_support(self.hpa_layers, online=self.hpa.online)
             for name, layer in self.hpa_layers.items():
@@ -528,7 +553,9 @@ class HPAOptimizer(Optimizer):
         self._in_task = True
 
     @torch.no_grad()
-    def end_task(self, task_hessians: Mapping[str, Tensor] | None = None) -> dict[str, LayerReport]:
+    def end_task(
+        self, hinv_task: Mapping[str, Tensor] | None = None, *, task_hessians: Mapping[str, Tensor] | None = None
+    ) -> dict[str, LayerReport]:
         """End the task: apply HPA_SPEC.md Steps 1–3 to every managed layer, in place.
 
         Every input is checked and every layer's selection computed before the first write; each
@@ -546,8 +573,10 @@ class HPAOptimizer(Optimizer):
         working weight's dtype for the edit, so retained columns are W_prev in that dtype.
 
         Args:
-            task_hessians: ``{name: hinv_t}`` (``HessianCollector.hinv()`` on the task set, on
-                W_new). May be ``None`` only when ``hpa.enabled`` is False.
+            hinv_task: ``{name: hinv_t}``, diag(H⁻¹) of the layer's inputs on the task set (on
+                W_new), as ``hinv_safety``. May be ``None`` only when ``hpa.enabled`` is False.
+            task_hessians: the former name of ``hinv_task`` (a ``DeprecationWarning``; removed in
+                the next release).
 
         Returns:
             ``{name: LayerReport}``; empty when HPA is disabled.
@@ -560,13 +589,14 @@ class HPAOptimizer(Optimizer):
             RuntimeError: a lost snapshot or statistics (the layer is named); no weight changes.
             HPAEditError: a failure while writing.
         """
+        hinv_task = _renamed("end_task", "hinv_task", hinv_task, "task_hessians", task_hessians)
         if not self._in_task:
             raise RuntimeError("HPAOptimizer.end_task: no task is open; call begin_task first")
         if not self.hpa.enabled:
             self._in_task = False
             self._tasks_completed += 1
             return {}
-        checked = check_statistics("task_hessians", task_hessians, self.hpa_layers)
+        checked = check_statistics("hinv_task", hinv_task, self.hpa_layers)
         # Non-finite weights are caught by each layer's plan below (on the reduce's outputs).
         for name, layer in self.hpa_layers.items():
             state = self.state[layer.module.weight]

@@ -149,7 +149,14 @@ def test_resume_in_a_fresh_process_is_bit_identical(tmp_path):
 
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), str(ROOT)]))
     subprocess.run(
-        [sys.executable, "-c", _RESUME_SCRIPT, str(tmp_path / "checkpoint.pt"), str(tmp_path / "resumed.pt"), str(torch.get_num_threads())],
+        [
+            sys.executable,
+            "-c",
+            _RESUME_SCRIPT,
+            str(tmp_path / "checkpoint.pt"),
+            str(tmp_path / "resumed.pt"),
+            str(torch.get_num_threads()),
+        ],
         check=True,
         env=env,
         timeout=300,
@@ -1046,3 +1053,33 @@ def test_nan_in_a_lora_adapter_leaves_every_weight_as_it_was():
         lora_b.copy_(saved_b)
     assert optimizer.end_task(hinv())
     assert not lora_b.any()
+
+
+def test_former_statistics_keywords_still_work_with_a_deprecation_warning():
+    """``begin_task(safety_hessians=)`` / ``end_task(task_hessians=)`` (the former names of
+    ``hinv_safety`` / ``hinv_task``) give the same edit, with a DeprecationWarning; both names at
+    once is a TypeError and leaves the optimizer as it was."""
+    weights = {}
+    for former in (False, True):
+        torch.manual_seed(0)
+        model = TinyModel()
+        optimizer = HPAOptimizer.from_model(model, lr=1e-2, backend="torch")
+        safety = calibrate(model, optimizer, _batches(2, 70, "cpu"))
+        if former:
+            with pytest.raises(TypeError, match="pass hinv_safety only"):
+                optimizer.begin_task(safety, safety_hessians=safety)
+            assert not optimizer.in_task
+            with pytest.warns(DeprecationWarning, match=r"begin_task\(safety_hessians=...\) is deprecated"):
+                optimizer.begin_task(safety_hessians=safety)
+        else:
+            optimizer.begin_task(hinv_safety=safety)
+        train(model, optimizer, _batches(2, 71, "cpu"))
+        task = calibrate(model, optimizer, _batches(2, 72, "cpu"))
+        if former:
+            with pytest.warns(DeprecationWarning, match=r"end_task\(task_hessians=...\) is deprecated"):
+                optimizer.end_task(task_hessians=task)
+        else:
+            optimizer.end_task(hinv_task=task)
+        weights[former] = model.state_dict()
+    for key, value in weights[False].items():
+        assert torch.equal(weights[True][key], value), key
