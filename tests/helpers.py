@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hpa_kernels import HessianCollector, HPAOptimizer
+from hpa_kernels import HPAOptimizer, integrations
 
 
 class Block(nn.Module):
@@ -50,10 +50,8 @@ def random_batches(count: int, seed: int, batch: int = 4, length: int = 7, vocab
 
 
 def calibrate(model: nn.Module, optimizer: HPAOptimizer, batches) -> dict[str, torch.Tensor]:
-    with torch.no_grad(), HessianCollector(model, optimizer.hpa_layers) as collector:
-        for tokens, _ in batches:
-            model(tokens)
-    return collector.hinv()
+    """``integrations.calibrate`` on ``(tokens, labels)`` batches (the labels unused)."""
+    return integrations.calibrate(model, optimizer, [{"tokens": tokens} for tokens, _ in batches])
 
 
 def train(model: nn.Module, optimizer: torch.optim.Optimizer, batches) -> None:
