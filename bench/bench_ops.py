@@ -1,6 +1,6 @@
 """The end-of-task edit (reduce + select + write) per layer and over a whole model, and its two
 passes alone, on every backend; the ``torch`` backend is the tests' reference
-(``hpa_kernels.ops.reference``). ``python -m pytest bench -m bench -k edit``."""
+(``hpa_kernels.ops.torch_ref``). ``python -m pytest bench -m bench -k edit``."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ would in the real model), with every parameter and gradient filled with fixed ps
   parameters, for the time-against-size curve.
 
 The baselines are the ones the tests use: ``torch.optim.AdamW`` and the ``torch`` backend
-(:mod:`hpa_kernels.ops.reference`, selected with ``backend="torch"``).
+(:mod:`hpa_kernels.ops.torch_ref`, selected with ``backend="torch"``).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ signed sum ⟨ΔW, W_prev⟩, where cancellation makes max|truth| meaningless).
 
 Triton runs on CPU tensors under ``TRITON_INTERPRET=1``, which triton reads when kernels are
 decorated: this module sets it, when there is no GPU, before anything imports
-``hpa_kernels.ops.triton_kernels``. With a GPU, Triton and CUDA run compiled, under the ``gpu`` marker.
+``hpa_kernels.ops.triton``. With a GPU, Triton and CUDA run compiled, under the ``gpu`` marker.
 """
 
 from __future__ import annotations
@@ -31,13 +31,13 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from hpa_kernels import ops  # noqa: E402
-from hpa_kernels.ops import native, reference  # noqa: E402
+from hpa_kernels.ops import torch_ref as reference  # noqa: E402  (the "torch" kernels, called directly)
 
 HAS_GPU = torch.cuda.is_available()
 AVAILABLE = ops.available_backends()
 TRITON_ON_CPU = "triton" in AVAILABLE and not HAS_GPU
 if TRITON_ON_CPU:
-    from hpa_kernels.ops import triton_kernels
+    from hpa_kernels.ops import triton as triton_kernels
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SHAPES = [(1, 1), (3, 5), (17, 33), (257, 1023), (4097, 3), (0, 16), (16, 0)]
@@ -437,7 +437,7 @@ def test_rounding_matches_torch(backend, device, dtype):
         assert mismatch.float().mean() < 1e-3
 
 
-@pytest.mark.skipif(not native.cpu_loaded(), reason="hpa_kernels._C not built")
+@pytest.mark.skipif("cpu" not in AVAILABLE, reason="hpa_kernels._C not built")
 def test_cpu_index_helpers_are_64_bit():
     """The kernels' index arithmetic (csrc/include/hpa/common.h) past 2**31 and 2**32, cheaply."""
     from hpa_kernels import _C
@@ -489,7 +489,7 @@ def test_adamw_past_2_31_elements(backend):
 
 def test_resolve_backend_and_available():
     assert AVAILABLE[0] == "torch"
-    expected_cpu = "cpu" if native.cpu_loaded() else "torch"
+    expected_cpu = "cpu" if "cpu" in AVAILABLE else "torch"
     assert ops.resolve_backend("auto", torch.device("cpu")) == expected_cpu
     assert ops.resolve_backend("torch", torch.device("cpu")) == "torch"
     with pytest.raises(ValueError, match="unknown"):
@@ -497,6 +497,25 @@ def test_resolve_backend_and_available():
     if "cpu" in AVAILABLE:
         with pytest.raises(ValueError, match="cannot run"):
             ops.resolve_backend("cpu", torch.device("meta"))
+        with pytest.raises(ValueError, match="cannot run on cuda:1 tensors"):  # the device in full
+            ops.resolve_backend("cpu", torch.device("cuda", 1))
+        with pytest.raises(ValueError, match="cannot run"):  # refusals are not cached
+            ops.resolve_backend("cpu", torch.device("meta"))
+
+
+def test_every_backend_registers_its_kernels():
+    """Each backend module registers the four ops under its name when imported ("triton" on the first
+    call that resolves to it)."""
+    from hpa_kernels.ops import schema
+
+    for name in ("torch", "cpu", "cuda") + (("triton",) if "triton" in AVAILABLE else ()):
+        if name == "triton":
+            ops.resolve_backend("triton")
+            ops._kernels("triton", torch.device("cuda" if HAS_GPU else "cpu"))
+        kernels = schema.REGISTRY[name]
+        assert kernels.name == name and kernels.float64 == (name == "torch")
+        for op in ("adamw_step", "hpa_reduce", "hpa_apply", "online_step"):
+            assert callable(getattr(kernels, op)), (name, op)
 
 
 def test_env_var_overrides_auto(monkeypatch):
@@ -533,16 +552,45 @@ def test_missing_compiled_module_falls_back_with_one_warning(tmp_path):
     assert lines[1] == "1"
 
 
+def _bad_calls(device):
+    """Calls that break each op's contract, each refused before any kernel runs."""
+    w, h = torch.zeros(3, 4, device=device), torch.ones(4, device=device)
+    mask, energy, step = torch.zeros(4, dtype=torch.bool, device=device), torch.zeros(4, device=device), torch.zeros(())
+    f16 = w.half()
+    online = (w.clone(), w.clone(), w.clone(), w.clone(), step, w.clone(), mask, energy)
+    return {
+        "reduce-shapes": lambda b: ops.hpa_reduce(w, torch.zeros(4, 3, device=device), h, h, backend=b),
+        "reduce-hinv": lambda b: ops.hpa_reduce(w, w, h, h[:3], backend=b),
+        "apply-mask-dtype": lambda b: ops.hpa_apply(w, w, torch.zeros(4, device=device), 0.0, backend=b),
+        "apply-mask-shape": lambda b: ops.hpa_apply(w, w, mask[:3], 0.0, backend=b),
+        "apply-out": lambda b: ops.hpa_apply(w, w, mask, 0.0, out=f16, backend=b),
+        "adamw-lengths": lambda b: ops.adamw_step([w], [w], [w], [w], [], **HYPER, backend=b),
+        "adamw-shapes": lambda b: ops.adamw_step([w], [w.t()], [w], [w], [step], **HYPER, backend=b),
+        "adamw-moments": lambda b: ops.adamw_step([f16], [f16], [f16], [f16], [step], **HYPER, backend=b),
+        "adamw-step": lambda b: ops.adamw_step([w], [w], [w], [w], [torch.zeros(2)], **HYPER, backend=b),
+        "adamw-scale": lambda b: ops.adamw_step([w], [w], [w], [w], [step], **HYPER, grad_scale=h, backend=b),
+        "online-1d": lambda b: ops.online_step(h, *online[1:], **HYPER, backend=b),
+        "online-grad-dtype": lambda b: ops.online_step(online[0], f16, *online[2:], **HYPER, backend=b),
+        "online-mask": lambda b: ops.online_step(*online[:6], energy, energy, **HYPER, backend=b),
+        "online-energy": lambda b: ops.online_step(*online[:7], energy[:2], **HYPER, backend=b),
+    }
+
+
 @pytest.mark.parametrize("backend,device", ALL_BACKENDS)
 def test_bad_arguments_are_refused(backend, device):
-    w = torch.zeros(3, 4, device=device)
-    h = torch.ones(4, device=device)
-    with pytest.raises(ValueError):
-        ops.hpa_reduce(w, torch.zeros(4, 3, device=device), h, h, backend=backend)
-    if backend != "torch":
-        with pytest.raises(TypeError):
-            ops.hpa_apply(w, w, torch.zeros(4, device=device), 0.0, backend=backend)
-        with pytest.raises(TypeError):
+    """Every backend refuses a broken contract with the "torch" backend's error and message (one
+    schema, hpa_kernels.ops.schema, checked before dispatch); only "torch" takes float64."""
+    w, h = torch.zeros(3, 4, device=device), torch.ones(4, device=device)
+    for name, call in _bad_calls(device).items():
+        with pytest.raises((ValueError, TypeError)) as want:
+            call("torch")
+        with pytest.raises(want.type) as got:
+            call(backend)
+        assert str(got.value) == str(want.value), name
+    if backend == "torch":
+        ops.hpa_reduce(w.double(), w.double(), h, h, backend=backend)  # the tests' float64 ground truth
+    else:
+        with pytest.raises(TypeError, match=r"hpa_reduce: dtype torch.float64 is not supported \(float32, bfloat16"):
             ops.hpa_reduce(w.double(), w.double(), h, h, backend=backend)
 
 
@@ -664,7 +712,7 @@ import os, sys
 os.environ.pop("TRITON_INTERPRET", None)
 import triton
 from triton.backends.compiler import GPUTarget
-from hpa_kernels.ops import triton_kernels as tk
+from hpa_kernels.ops import triton as tk
 
 def ptx(fn, signature, constexprs):
     signature = {**signature, **{name: "constexpr" for name in constexprs}}

@@ -1,13 +1,21 @@
-"""Kernel dispatch: one signature per op, one module per backend.
+"""Kernel dispatch: one schema for the ops, one module per backend registering into it.
 
 Backends:
 
-* ``"torch"``  — :mod:`hpa_kernels.ops.reference`, plain PyTorch, always available; the ground
+* ``"torch"``  — :mod:`hpa_kernels.ops.torch_ref`, plain PyTorch, always available; the ground
   truth of every test.
-* ``"cpu"``    — csrc/cpu C++ (OpenMP) through :mod:`hpa_kernels._C`; CPU tensors.
-* ``"cuda"``   — csrc/cuda through :mod:`hpa_kernels._C_cuda` (raw pointers, current stream); CUDA tensors.
-* ``"triton"`` — :mod:`hpa_kernels.ops.triton_kernels`; CUDA tensors, or CPU tensors when
-  ``TRITON_INTERPRET=1`` was set before triton was imported (tests).
+* ``"cpu"``    — :mod:`hpa_kernels.ops.cpu`: csrc/cpu C++ (OpenMP) through :mod:`hpa_kernels._C`;
+  CPU tensors.
+* ``"cuda"``   — :mod:`hpa_kernels.ops.cuda`: csrc/cuda through :mod:`hpa_kernels._C_cuda` (raw
+  pointers, current stream); CUDA tensors.
+* ``"triton"`` — :mod:`hpa_kernels.ops.triton`; CUDA tensors, or CPU tensors when
+  ``TRITON_INTERPRET=1`` was set before triton was imported (tests). Imported on the first call
+  that resolves to it.
+
+Each op resolves ``backend`` for its tensors' device (:func:`resolve_backend`, cached), checks its
+arguments once (:mod:`hpa_kernels.ops.schema`, the same checks and messages on every backend) and
+calls that backend's kernels from :data:`hpa_kernels.ops.schema.REGISTRY`, which each backend
+module fills when imported.
 
 ``backend="auto"`` picks, for the tensors' device: CPU → ``"cpu"`` when :mod:`hpa_kernels._C`
 loaded, else ``"torch"``; CUDA → ``"triton"`` when importable, else ``"cuda"``, else ``"torch"``.
@@ -16,16 +24,19 @@ The environment variable ``HPA_KERNELS_BACKEND`` replaces ``"auto"`` by a backen
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
-from typing import Any
 
 import torch
 from torch import Tensor
 
-from . import native, reference
-from .reference import ROW_BLOCK as ROW_BLOCK  # the reduce order's block size, re-exported
+from . import _native, schema
+from . import cpu as cpu  # registers "cpu"
+from . import cuda as cuda  # registers "cuda"
+from . import torch_ref as torch_ref  # registers "torch"
+from .schema import ROW_BLOCK as ROW_BLOCK  # the reduce order's block size, re-exported
 
 BACKENDS = ("torch", "cpu", "cuda", "triton")
 _DEVICE_TYPES = {"torch": None, "cpu": "cpu", "cuda": "cuda", "triton": "cuda"}
@@ -46,9 +57,9 @@ def available_backends() -> list[str]:
     ``"triton"`` needs triton and a GPU, or ``TRITON_INTERPRET=1`` (CPU tensors, slow: tests only).
     """
     names = ["torch"]
-    if native.cpu_loaded():
+    if _native.cpu_loaded():
         names.append("cpu")
-    if native.cuda_loaded():
+    if _native.cuda_loaded():
         names.append("cuda")
     if _triton_importable() and (torch.cuda.is_available() or _triton_runs_on_cpu()):
         names.append("triton")
@@ -80,14 +91,35 @@ def resolve_backend(backend: str, device: torch.device | None = None) -> str:
     """
     if backend == "auto":
         backend = os.environ.get("HPA_KERNELS_BACKEND", "auto") or "auto"
-    key = (backend, device, backend == "triton" and _triton_runs_on_cpu())
-    name = _RESOLVED.get(key)
-    if name is None:
-        name = _RESOLVED[key] = _resolve(backend, device)
-    return name
+    return _resolved(backend, device, backend == "triton" and _triton_runs_on_cpu())
 
 
-_RESOLVED: dict[tuple[str, torch.device | None, bool], str] = {}
+# The caches key on (name, device, triton_on_cpu): the name after HPA_KERNELS_BACKEND replaced
+# "auto", the device itself (torch.device hashes and compares by (type, index), cheaper than
+# reading device.type, which builds a string), and for "triton" whether TRITON_INTERPRET=1 (it
+# decides the devices triton runs on). An exception is not cached: refusals raise again.
+
+
+@functools.cache
+def _resolved(backend: str, device: torch.device | None, triton_on_cpu: bool) -> str:
+    """:func:`resolve_backend` on a cache key (``triton_on_cpu`` only keys the cache)."""
+    return _resolve(backend, device)
+
+
+@functools.cache
+def _kernels_for(backend: str, device: torch.device, triton_on_cpu: bool) -> schema.Kernels:
+    """The registered kernels of the backend a cache key resolves to ("triton" imported on first use)."""
+    name = _resolved(backend, device, triton_on_cpu)
+    if name not in schema.REGISTRY:
+        importlib.import_module(f".{name}", __name__)  # only "triton" is not imported with this package
+    return schema.REGISTRY[name]
+
+
+def _kernels(backend: str, device: torch.device) -> schema.Kernels:
+    """The kernels that run ``backend`` (``"auto"`` allowed) on ``device``: one cache look-up."""
+    if backend == "auto":
+        backend = os.environ.get("HPA_KERNELS_BACKEND", "auto") or "auto"
+    return _kernels_for(backend, device, backend == "triton" and _triton_runs_on_cpu())
 
 
 def _resolve(backend: str, device: torch.device | None) -> str:
@@ -97,7 +129,7 @@ def _resolve(backend: str, device: torch.device | None) -> str:
         if device_type == "cuda":
             available = available_backends()
             return next((name for name in ("triton", "cuda") if name in available), "torch")
-        return "cpu" if device_type == "cpu" and native.cpu_loaded() else "torch"
+        return "cpu" if device_type == "cpu" and _native.cpu_loaded() else "torch"
     if backend not in BACKENDS:
         raise ValueError(f"unknown HPA kernels backend {backend!r}; expected 'auto' or one of {BACKENDS}")
     if backend not in available_backends():
@@ -105,17 +137,6 @@ def _resolve(backend: str, device: torch.device | None) -> str:
     if device is not None and not _runs_on(backend, device):
         raise ValueError(f"HPA kernels backend {backend!r} cannot run on {device} tensors")
     return backend
-
-
-def _module(backend: str, device: torch.device) -> Any:
-    name = resolve_backend(backend, device)
-    if name == "torch":
-        return reference
-    if name == "cpu":
-        return native.cpu
-    if name == "cuda":
-        return native.cuda
-    return importlib.import_module(".triton_kernels", __name__)
 
 
 def adamw_step(
@@ -156,10 +177,17 @@ def adamw_step(
         backend: ``"auto"`` or one of :func:`available_backends`.
 
     Math is fp32 whatever the parameter dtype; the result is rounded once to it.
+
+    Raises:
+        ValueError / TypeError: lengths, shapes, devices or dtypes that do not match the above.
     """
     if not params:
         return
-    _module(backend, params[0].device).adamw_step(
+    kernels = _kernels(backend, params[0].device)
+    schema.check_adamw_step(
+        params, grads, exp_avgs, exp_avg_sqs, state_steps, grad_scale, found_inf, float64=kernels.float64
+    )
+    kernels.adamw_step(
         params,
         grads,
         exp_avgs,
@@ -201,7 +229,7 @@ def hpa_reduce(
     IEEE operation (no FMA contraction),
 
     1. rows in blocks of :data:`ROW_BLOCK` = 128; each block's d², d·w, w² summed per column by
-       the adjacent-pair binary tree (:func:`hpa_kernels.ops.reference.pairwise_sum`, rows past r
+       the adjacent-pair binary tree (:func:`hpa_kernels.ops.torch_ref.pairwise_sum`, rows past r
        count as zeros);
     2. the block sums of each column added in block index order → E_j, D_j, N_j;
     3. ``eps_bar[j] = fl32((E_j / r) / hinv_safety[j])`` (``zeta_bar`` alike);
@@ -209,8 +237,13 @@ def hpa_reduce(
 
     Rounded once, so each output is within one float32 ulp of its exact value except where the
     sums cancel (``dot``): float64 error ~ log2(r)·2⁻⁵³ relative to the sum of |terms|.
+
+    Raises:
+        ValueError / TypeError: shapes, devices or dtypes that do not match the above.
     """
-    return _module(backend, w_new.device).hpa_reduce(w_prev, w_new, hinv_safety, hinv_task)
+    kernels = _kernels(backend, w_new.device)
+    schema.check_hpa_reduce(w_prev, w_new, hinv_safety, hinv_task, float64=kernels.float64)
+    return kernels.hpa_reduce(w_prev, w_new, hinv_safety, hinv_task)
 
 
 def hpa_apply(
@@ -235,8 +268,13 @@ def hpa_apply(
 
     Returns:
         Ŵ, of ``w_new``'s dtype (``out`` when given).
+
+    Raises:
+        ValueError / TypeError: shapes, devices or dtypes that do not match the above.
     """
-    return _module(backend, w_new.device).hpa_apply(w_prev, w_new, mask, coef, out)
+    kernels = _kernels(backend, w_new.device)
+    schema.check_hpa_apply(w_prev, w_new, mask, out, float64=kernels.float64)
+    return kernels.hpa_apply(w_prev, w_new, mask, coef, out)
 
 
 def online_step(
@@ -310,7 +348,12 @@ def online_step(
     Raises:
         ValueError / TypeError: shapes, devices or dtypes that do not match the above.
     """
-    return _module(backend, param.device).online_step(
+    kernels = _kernels(backend, param.device)
+    schema.check_online_step(
+        param, grad, exp_avg, exp_avg_sq, state_step, w_prev, mask, col_energy, grad_scale, found_inf,
+        float64=kernels.float64,
+    )  # fmt: skip
+    return kernels.online_step(
         param,
         grad,
         exp_avg,

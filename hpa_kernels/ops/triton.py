@@ -15,6 +15,10 @@ reductions write per-program fp32 partials that torch sums in a fixed order (det
 given GPU; no atomics).
 
 ``adamw_step`` launches one kernel per tensor (the C++/CUDA backends batch tensors per launch).
+The arguments passed :mod:`hpa_kernels.ops.schema`; this module only stages layouts
+(:mod:`hpa_kernels.ops._staging`) and launches. :mod:`hpa_kernels.ops` imports it on the first
+call that resolves to ``"triton"`` (importing triton is slow, and ``TRITON_INTERPRET`` must be set
+by then); importing it registers the backend.
 """
 
 from __future__ import annotations
@@ -28,8 +32,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .native import _check_matrix_pair, _check_online_args, _check_vector, _dtype_code, _Staging
-from .reference import ROW_BLOCK
+from ._staging import Staging
+from .schema import ROW_BLOCK, Kernels, register
 
 _ADAMW_BLOCK = 1024
 _TILE_R = 32
@@ -341,10 +345,6 @@ def adamw_step(
     found_inf: Tensor | None = None,
 ) -> None:
     """See ``hpa_kernels.ops.adamw_step``."""
-    if not (len(grads) == len(exp_avgs) == len(exp_avg_sqs) == len(state_steps) == len(params)):
-        raise ValueError("adamw_step: params, grads, exp_avgs, exp_avg_sqs and state_steps differ in length")
-    if not params:
-        return
     device = params[0].device
     with _on(device):
         _adamw_launch(params, grads, exp_avgs, exp_avg_sqs, state_steps, device, lr, beta1, beta2, eps,
@@ -356,17 +356,12 @@ def _adamw_launch(
     grad_scale, found_inf,
 ) -> None:  # fmt: skip
     """The body of :func:`adamw_step`, on the tensors' device."""
-    staging = _Staging()
+    staging = Staging()
     lr_tensor, hyper = _hyper(lr, beta1, beta2, eps, weight_decay, device)
     scale_ptr = staging.scalar_tensor(grad_scale, device)
     inf_ptr = staging.scalar_tensor(found_inf, device)
     skip = _skip_flag(found_inf, device)
-    for k, (p, g, m, v, s) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, state_steps)):
-        _dtype_code(p, f"adamw_step: params[{k}]")
-        if g.shape != p.shape or m.shape != p.shape or v.shape != p.shape or s.numel() != 1:
-            raise ValueError(f"adamw_step: shapes differ at index {k}")
-        if m.dtype != torch.float32 or v.dtype != torch.float32:
-            raise TypeError(f"adamw_step: exp_avgs[{k}] / exp_avg_sqs[{k}] must be float32")
+    for p, g, m, v, s in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps):
         p_ = staging.dense(p)
         g_ = staging.like(g, p_, dtype=p.dtype)
         m_ = staging.like(m, p_, write_back=True)
@@ -389,11 +384,7 @@ def hpa_reduce(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """See ``hpa_kernels.ops.hpa_reduce`` (its fixed order, in four kinds of launch: block trees,
     column sums, column trees until one value is left, the final rounding)."""
-    _check_matrix_pair(w_prev, w_new, "hpa_reduce")
     r, c = w_new.shape
-    _check_vector(hinv_safety, c, "hinv_safety", "hpa_reduce")
-    _check_vector(hinv_task, c, "hinv_task", "hpa_reduce")
-    _dtype_code(w_new, "hpa_reduce")
     device = w_new.device
     f32 = {"dtype": torch.float32, "device": device}
     if r == 0 or c == 0:
@@ -425,19 +416,12 @@ def hpa_reduce(
 
 def hpa_apply(w_prev: Tensor, w_new: Tensor, mask: Tensor, coef: float | Tensor, out: Tensor | None = None) -> Tensor:
     """See ``hpa_kernels.ops.hpa_apply``."""
-    _check_matrix_pair(w_prev, w_new, "hpa_apply")
     r, c = w_new.shape
-    _check_vector(mask, c, "mask", "hpa_apply")
-    if mask.dtype != torch.bool:
-        raise TypeError(f"hpa_apply: mask must be bool, got {mask.dtype}")
-    _dtype_code(w_new, "hpa_apply")
     device = w_new.device
     if w_prev.dtype != w_new.dtype:
         w_prev = w_prev.to(w_new.dtype)
     if out is None:
         out = torch.empty(r, c, dtype=w_new.dtype, device=device)
-    elif out.shape != w_new.shape or out.dtype != w_new.dtype or out.device != device:
-        raise ValueError("hpa_apply: out must match w_new in shape, dtype and device")
     if r == 0 or c == 0:
         return out
     with _on(device):
@@ -473,7 +457,6 @@ def online_step(
     orthogonal: bool = True,
 ) -> Tensor:
     """See ``hpa_kernels.ops.online_step``."""
-    _check_online_args(param, grad, exp_avg, exp_avg_sq, state_step, w_prev, mask, col_energy)
     device = param.device
     r, c = param.shape
     f32 = {"dtype": torch.float32, "device": device}
@@ -495,7 +478,7 @@ def _online_launch(
     """The body of :func:`online_step`, on the tensors' device."""
     r, c = param.shape
     f32 = {"dtype": torch.float32, "device": device}
-    staging = _Staging()
+    staging = Staging()
     p_ = staging.contiguous(param, write_back=True)
     m_ = staging.contiguous(exp_avg, write_back=True)
     v_ = staging.contiguous(exp_avg_sq, write_back=True)
@@ -528,3 +511,6 @@ def _online_launch(
     _online_pass2_kernel[grid](p_, w_, mask_u8, coef, r, c, BLOCK_R=_TILE_R, BLOCK_C=_TILE_C, **LAUNCH_OPTIONS)
     staging.finish()
     return coef
+
+
+register(Kernels("triton", adamw_step, hpa_reduce, hpa_apply, online_step))

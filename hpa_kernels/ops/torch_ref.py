@@ -2,7 +2,12 @@
 
 Written as simple loops: clear, not fast. Math is fp32 whatever the storage dtype (AdamW) and
 fp64 for the HPA reductions, rounded once at the end. Given float64 tensors, every op computes in
-float64: the tests' ground truth is this module on float64 copies.
+float64: the tests' ground truth is this module on float64 copies (registered with
+``float64=True``, so :mod:`hpa_kernels.ops.schema` lets float64 through for this backend only).
+Runs on any device. The arguments passed :mod:`hpa_kernels.ops.schema`.
+
+Named ``torch_ref``, not ``torch``: a submodule ``torch`` would rebind the name ``torch`` in
+:mod:`hpa_kernels.ops` (the import system sets each submodule as an attribute of its package).
 """
 
 from __future__ import annotations
@@ -10,17 +15,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .schema import ROW_BLOCK, Kernels, register
+
 
 def _math_dtype(t: Tensor) -> torch.dtype:
     """fp32 for fp32 / bf16 / fp16 storage, fp64 for fp64 (the tests' ground truth)."""
     return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
-def _check_pair(w_prev: Tensor, w_new: Tensor, op: str) -> None:
-    if w_prev.dim() != 2 or w_prev.shape != w_new.shape:
-        raise ValueError(
-            f"{op}: w_prev and w_new must be 2-D of one shape, got {tuple(w_prev.shape)}, {tuple(w_new.shape)}"
-        )
 
 
 def adamw_step(
@@ -70,8 +70,6 @@ def adamw_step(
         param.copy_(p)
 
 
-ROW_BLOCK = 128
-"""Rows per block of the HPA reductions' fixed summation order (``hpa_kernels.ops.hpa_reduce``)."""
 _CHUNK_BLOCKS = 64  # row blocks the reference widens to float64 at a time (bounds its memory)
 
 
@@ -102,7 +100,6 @@ def hpa_reduce(
 
     See ``hpa_kernels.ops.hpa_reduce`` for the contract.
     """
-    _check_pair(w_prev, w_new, "hpa_reduce")
     rows, columns = w_prev.shape
     totals = torch.zeros(3, columns, dtype=torch.float64, device=w_prev.device)
     chunk = ROW_BLOCK * _CHUNK_BLOCKS
@@ -129,7 +126,6 @@ def hpa_apply(w_prev: Tensor, w_new: Tensor, mask: Tensor, coef: float | Tensor,
 
     See ``hpa_kernels.ops.hpa_apply`` for the contract.
     """
-    _check_pair(w_prev, w_new, "hpa_apply")
     coef_value = float(coef)
     compute = _math_dtype(w_new)
     adjusted = (w_new.to(compute) - coef_value * w_prev.to(compute)).to(w_new.dtype)
@@ -202,3 +198,6 @@ def online_step(
         stored = torch.where(keep, stored, projected)
     param.copy_(stored)
     return torch.tensor(coef, dtype=torch.float32, device=param.device)
+
+
+register(Kernels("torch", adamw_step, hpa_reduce, hpa_apply, online_step, float64=True))

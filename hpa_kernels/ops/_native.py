@@ -1,0 +1,194 @@
+"""What the compiled backends ``"cpu"`` (:mod:`hpa_kernels.ops.cpu`) and ``"cuda"``
+(:mod:`hpa_kernels.ops.cuda`) share: loading their modules, and the arguments of their calls.
+
+The compiled modules take raw addresses (``tensor.data_ptr()``), sizes and strides, so they do not
+depend on the torch C++ ABI. A compiled module that is missing or fails to load leaves its backend
+out of :func:`hpa_kernels.ops.available_backends` with one warning (``"auto"`` then falls back to
+``"torch"``); importing this module never raises for that reason.
+
+Layouts the kernels take directly: ``adamw_step`` any dense tensor (contiguous, channels_last)
+whose gradient and moments share its layout; ``hpa_reduce`` / ``hpa_apply`` any 2-D strides;
+``online_step`` contiguous row-major. Anything else goes through a contiguous copy and is written
+back (:class:`hpa_kernels.ops._staging.Staging`), so results equal those on contiguous copies.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from ._staging import Staging
+
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # csrc/include/hpa/common.h DType
+
+
+def _load(name: str) -> tuple[ModuleType | None, str | None]:
+    try:
+        return importlib.import_module(name), None
+    except Exception as exc:  # a broken .so raises ImportError, OSError or anything its init throws
+        return None, f"{name}: {type(exc).__name__}: {exc}"
+
+
+CPU_LIB, _CPU_ERROR = _load("hpa_kernels._C")
+CUDA_LIB, _CUDA_ERROR = _load("hpa_kernels._C_cuda")
+
+
+def _warn_once() -> None:
+    problems = [_CPU_ERROR] if _CPU_ERROR else []
+    if _CUDA_ERROR and torch.cuda.is_available():  # without a GPU a missing CUDA module loses nothing
+        problems.append(_CUDA_ERROR)
+    if problems:
+        warnings.warn(
+            "hpa_kernels: compiled kernels not loaded, falling back to the 'torch' backend where they are "
+            "missing (" + "; ".join(problems) + "). Rebuild with `pip install -e .` or `pip wheel .`.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+_warn_once()
+
+
+def cpu_loaded() -> bool:
+    """Whether :mod:`hpa_kernels._C` loaded."""
+    return CPU_LIB is not None
+
+
+def cuda_loaded() -> bool:
+    """Whether :mod:`hpa_kernels._C_cuda` loaded and sees a GPU that torch can use too."""
+    return CUDA_LIB is not None and torch.cuda.is_available() and CUDA_LIB.device_count() > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Call arguments (of arguments that passed hpa_kernels.ops.schema)
+
+
+def hyper(lr, beta1, beta2, eps, weight_decay, maximize) -> tuple[float, float, float, float, float, bool]:
+    """AdamW's hyperparameters as the compiled entry points take them."""
+    return float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), bool(maximize)
+
+
+def adamw_launches(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+) -> tuple[Staging, list[tuple[int, list[list[int]], list[int]]], int, int]:
+    """The tensors of one AdamW call staged in the kernels' layouts and grouped by storage dtype.
+
+    Returns:
+        ``(staging, launches, scale_ptr, inf_ptr)``: one launch ``(dtype code, [addresses of the
+        params, grads, exp_avgs, exp_avg_sqs, steps], numels)`` per storage dtype, and the
+        addresses of ``grad_scale`` / ``found_inf`` (0 for ``None``); ``staging.finish()`` after
+        the launches writes the copies back.
+    """
+    device = params[0].device
+    staging = Staging()
+    groups: dict[int, list[tuple[Tensor, Tensor, Tensor, Tensor, Tensor]]] = {}
+    for p, g, m, v, s in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps):
+        p_ = staging.dense(p)
+        entry = (
+            p_,
+            staging.like(g, p_, dtype=p.dtype),
+            staging.like(m, p_, write_back=True),
+            staging.like(v, p_, write_back=True),
+            staging.dense(s.reshape(()), dtype=torch.float32, device=device),
+        )
+        staging.keep.extend(entry)  # the launches take addresses: keep every copy alive until finish
+        groups.setdefault(DTYPE_CODES[p.dtype], []).append(entry)
+    scale_ptr = staging.scalar_ptr(grad_scale, device)
+    inf_ptr = staging.scalar_ptr(found_inf, device)
+    launches = [
+        (code, [[t.data_ptr() for t in column] for column in zip(*entries)], [e[0].numel() for e in entries])
+        for code, entries in groups.items()
+    ]
+    return staging, launches, scale_ptr, inf_ptr
+
+
+def reduce_outputs(
+    w_prev: Tensor, w_new: Tensor, hinv_safety: Tensor, hinv_task: Tensor
+) -> tuple[Tensor, Tensor, tuple | None]:
+    """``hpa_reduce``'s zeroed (c,) outputs ``eps_bar``, ``zeta_bar`` and the arguments of the
+    call that fills them (``None`` when r or c is 0: nothing to call)."""
+    r, c = w_new.shape
+    device = w_new.device
+    if w_prev.dtype != w_new.dtype:
+        w_prev = w_prev.to(w_new.dtype)
+    code = DTYPE_CODES[w_new.dtype]
+    f32 = {"dtype": torch.float32, "device": device}
+    hs = hinv_safety.to(**f32).contiguous()
+    ht = hinv_task.to(**f32).contiguous()
+    eps_bar, zeta_bar = torch.zeros(c, **f32), torch.zeros(c, **f32)
+    if r == 0 or c == 0:
+        return eps_bar, zeta_bar, None
+    mats = (w_prev.data_ptr(), *w_prev.stride(), w_new.data_ptr(), *w_new.stride())
+    args = (code, r, c, *mats, hs.data_ptr(), ht.data_ptr(), eps_bar.data_ptr(), zeta_bar.data_ptr())
+    return eps_bar, zeta_bar, (args, (hs, ht, w_prev))
+
+
+def apply_args(w_prev: Tensor, w_new: Tensor, mask: Tensor, out: Tensor | None) -> tuple[Tensor, tuple | None]:
+    """``hpa_apply``'s output (``out``, or a new tensor) and the arguments of the call that writes
+    it, up to the coefficient (``None`` when r or c is 0: nothing to call)."""
+    r, c = w_new.shape
+    device = w_new.device
+    code = DTYPE_CODES[w_new.dtype]
+    if w_prev.dtype != w_new.dtype:
+        w_prev = w_prev.to(w_new.dtype)  # as the reference: retained columns are W_prev in w_new's dtype
+    if out is None:
+        out = torch.empty(r, c, dtype=w_new.dtype, device=device)
+    if r == 0 or c == 0:
+        return out, None
+    mask_u8 = mask.to(device).contiguous().view(torch.uint8)
+    mats = (w_prev.data_ptr(), *w_prev.stride(), w_new.data_ptr(), *w_new.stride(), out.data_ptr(), *out.stride())
+    return out, ((code, r, c, *mats, mask_u8.data_ptr()), (w_prev, mask_u8))
+
+
+def online_empty(state_step: Tensor, found_inf: Tensor | None, device: torch.device) -> Tensor:
+    """``online_step`` on an (r, c) weight with r or c 0: nothing to update but the step count
+    (kept in step with the other backends); c' = 0, on ``device`` (param's)."""
+    if found_inf is None:
+        state_step.add_(1)
+    else:
+        state_step.add_((found_inf.reshape(()) == 0).to(device=state_step.device, dtype=state_step.dtype))
+    return torch.zeros((), dtype=torch.float32, device=device)
+
+
+def online_args(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    state_step: Tensor,
+    w_prev: Tensor,
+    mask: Tensor,
+    col_energy: Tensor,
+    hyperparameters: tuple[float, float, float, float, float, bool],
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+    orthogonal: bool,
+) -> tuple[Staging, tuple]:
+    """The tensors of one online step staged contiguous (r and c > 0) and the arguments of its
+    call, up to the backend's own last ones; ``staging.finish()`` after the call writes back."""
+    device = param.device
+    r, c = param.shape
+    staging = Staging()
+    p_ = staging.contiguous(param, write_back=True)
+    m_ = staging.contiguous(exp_avg, write_back=True)
+    v_ = staging.contiguous(exp_avg_sq, write_back=True)
+    e_ = staging.contiguous(col_energy, write_back=True)
+    s_ = staging.dense(state_step.reshape(()), dtype=torch.float32, device=device)
+    g_ = staging.contiguous(grad, write_back=False)
+    w_ = staging.contiguous(w_prev, write_back=False)
+    mask_u8 = mask.to(device).contiguous().view(torch.uint8)
+    ptrs = (p_, g_, m_, v_, s_, w_, mask_u8, e_)
+    staging.keep.extend(ptrs)  # the call takes addresses: keep every copy alive until finish
+    scalars = (staging.scalar_ptr(grad_scale, device), staging.scalar_ptr(found_inf, device), bool(orthogonal))
+    args = (DTYPE_CODES[param.dtype], r, c, *(t.data_ptr() for t in ptrs), *hyperparameters, *scalars)
+    return staging, args

@@ -1,0 +1,71 @@
+"""Layouts the kernels of the ``"cpu"``, ``"cuda"`` and ``"triton"`` backends take, and the
+temporaries standing in for the caller's tensors when theirs do not fit (written back, so the
+caller's tensors are updated in place and results equal those on contiguous copies)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def layout(t: Tensor) -> str | None:
+    """The dense memory format of ``t`` (``None`` when it is not dense in a standard format)."""
+    if t.is_contiguous():
+        return "contiguous"
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return "channels_last"
+    if t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d):
+        return "channels_last_3d"
+    return None
+
+
+class Staging:
+    """Temporaries standing in for the caller's tensors, written back by :meth:`finish`."""
+
+    def __init__(self) -> None:
+        self._writebacks: list[tuple[Tensor, Tensor]] = []
+        self.keep: list[Tensor] = []  # temporaries whose addresses a kernel reads
+
+    def scalar_tensor(self, t: Tensor | None, device: torch.device) -> Tensor:
+        """``t`` (one element) as an fp32 0-d tensor on ``device`` (a zero placeholder for ``None``); read-only."""
+        if t is None:
+            return torch.zeros(1, dtype=torch.float32, device=device)
+        tmp = t.detach().reshape(()).to(device=device, dtype=torch.float32).contiguous()
+        self.keep.append(tmp)
+        return tmp
+
+    def scalar_ptr(self, t: Tensor | None, device: torch.device) -> int:
+        """Address of ``t`` as an fp32 scalar on ``device`` (0 for ``None``); read-only."""
+        return 0 if t is None else self.scalar_tensor(t, device).data_ptr()
+
+    def like(self, t: Tensor, ref: Tensor, *, dtype: torch.dtype | None = None, write_back: bool = False) -> Tensor:
+        """``t`` itself when it has ``ref``'s dense layout, dtype and device, else a copy in that layout."""
+        dtype = dtype or t.dtype
+        if t.dtype == dtype and t.device == ref.device and layout(t) is not None and layout(t) == layout(ref):
+            if t.stride() == ref.stride() or t.numel() == 0:
+                return t
+        tmp = torch.empty_like(ref, dtype=dtype).copy_(t)  # empty_like keeps ref's dense strides
+        if write_back:
+            self._writebacks.append((t, tmp))
+        return tmp
+
+    def dense(self, t: Tensor, *, dtype: torch.dtype | None = None, device: torch.device | None = None) -> Tensor:
+        """``t`` when dense (and of ``dtype`` / on ``device``), else a contiguous copy written back later."""
+        dtype, device = dtype or t.dtype, device or t.device
+        if layout(t) is not None and t.dtype == dtype and t.device == device:
+            return t
+        tmp = t.to(device=device, dtype=dtype, memory_format=torch.contiguous_format, copy=True)
+        self._writebacks.append((t, tmp))
+        return tmp
+
+    def contiguous(self, t: Tensor, *, write_back: bool) -> Tensor:
+        if t.is_contiguous():
+            return t
+        tmp = t.contiguous()
+        if write_back:
+            self._writebacks.append((t, tmp))
+        return tmp
+
+    def finish(self) -> None:
+        for original, tmp in self._writebacks:
+            original.copy_(tmp)

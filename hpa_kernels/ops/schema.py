@@ -1,0 +1,177 @@
+"""The one schema of the ops of :mod:`hpa_kernels.ops`: their argument checks, and the registry the
+backend modules fill.
+
+Each op's checks are written once, here, and :mod:`hpa_kernels.ops` runs them once per call,
+before dispatch; a backend's kernels take arguments that passed them (they only bring layouts and
+devices to what their launch needs). A check failure raises ``ValueError`` (shapes, lengths,
+devices) or ``TypeError`` (dtypes) with the op's name in the message, the same on every backend.
+
+Storage dtypes are float32 / bfloat16 / float16. A backend registered with ``float64=True`` (only
+``"torch"``, the tests' ground truth) also takes float64 tensors, wherever float32 is asked for too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+ROW_BLOCK = 128
+"""Rows per block of the HPA reductions' fixed summation order (``hpa_kernels.ops.hpa_reduce``)."""
+_FLOAT64_DTYPES = (*STORAGE_DTYPES, torch.float64)
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """One backend's implementations of the four ops (the signatures of :mod:`hpa_kernels.ops`,
+    without ``backend``), called with arguments that passed this module's checks."""
+
+    name: str
+    adamw_step: Callable[..., None]
+    hpa_reduce: Callable[..., tuple[Tensor, Tensor, Tensor, Tensor]]
+    hpa_apply: Callable[..., Tensor]
+    online_step: Callable[..., Tensor]
+    float64: bool = False  # takes float64 tensors too (the "torch" reference only)
+
+
+REGISTRY: dict[str, Kernels] = {}
+"""Backend name → its kernels; each backend module registers itself when imported."""
+
+
+def register(kernels: Kernels) -> Kernels:
+    """Add ``kernels`` to :data:`REGISTRY` under its name (a backend module's last statement)."""
+    REGISTRY[kernels.name] = kernels
+    return kernels
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks shared by the ops
+
+
+def _check_storage(t: Tensor, what: str, float64: bool) -> None:
+    allowed = _FLOAT64_DTYPES if float64 else STORAGE_DTYPES
+    if t.dtype not in allowed:
+        names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
+        raise TypeError(f"{what}: dtype {t.dtype} is not supported ({names})")
+
+
+def _is_f32(t: Tensor, float64: bool) -> bool:
+    return t.dtype == torch.float32 or (float64 and t.dtype == torch.float64)
+
+
+def _check_scalar(t: Tensor | None) -> None:
+    """``grad_scale`` / ``found_inf``: one element when given."""
+    if t is not None and t.numel() != 1:
+        raise ValueError(f"expected a one-element tensor, got shape {tuple(t.shape)}")
+
+
+def _check_matrix_pair(w_prev: Tensor, w_new: Tensor, op: str) -> None:
+    if w_prev.dim() != 2 or w_prev.shape != w_new.shape:
+        raise ValueError(
+            f"{op}: w_prev and w_new must be 2-D of one shape, got {tuple(w_prev.shape)}, {tuple(w_new.shape)}"
+        )
+    if w_prev.device != w_new.device:
+        raise ValueError(f"{op}: w_prev and w_new are on {w_prev.device} and {w_new.device}")
+
+
+def _check_vector(v: Tensor, c: int, name: str, op: str) -> None:
+    if v.shape != (c,):
+        raise ValueError(f"{op}: {name} must have shape ({c},), got {tuple(v.shape)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# One check per op (the contracts in the docstrings of hpa_kernels.ops)
+
+
+def check_adamw_step(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    state_steps: Sequence[Tensor],
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+    *,
+    float64: bool = False,
+) -> None:
+    """The argument contract of ``hpa_kernels.ops.adamw_step`` (``params`` not empty)."""
+    n = len(params)
+    if not (len(grads) == len(exp_avgs) == len(exp_avg_sqs) == len(state_steps) == n):
+        raise ValueError("adamw_step: params, grads, exp_avgs, exp_avg_sqs and state_steps differ in length")
+    device = params[0].device
+    for k, (p, g, m, v, s) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, state_steps)):
+        _check_storage(p, f"adamw_step: params[{k}]", float64)
+        if p.device != device or g.device != device:
+            raise ValueError(f"adamw_step: params[{k}] / grads[{k}] not on {device}")
+        if g.shape != p.shape or m.shape != p.shape or v.shape != p.shape:
+            raise ValueError(
+                f"adamw_step: shapes differ at index {k}: param {tuple(p.shape)}, grad "
+                f"{tuple(g.shape)}, exp_avg {tuple(m.shape)}, exp_avg_sq {tuple(v.shape)}"
+            )
+        if not (_is_f32(m, float64) and _is_f32(v, float64)):
+            raise TypeError(f"adamw_step: exp_avgs[{k}] / exp_avg_sqs[{k}] must be float32")
+        if s.numel() != 1:
+            raise ValueError(f"adamw_step: state_steps[{k}] must be a one-element tensor")
+    _check_scalar(grad_scale)
+    _check_scalar(found_inf)
+
+
+def check_hpa_reduce(
+    w_prev: Tensor, w_new: Tensor, hinv_safety: Tensor, hinv_task: Tensor, *, float64: bool = False
+) -> None:
+    """The argument contract of ``hpa_kernels.ops.hpa_reduce``."""
+    _check_matrix_pair(w_prev, w_new, "hpa_reduce")
+    c = w_new.shape[1]
+    _check_vector(hinv_safety, c, "hinv_safety", "hpa_reduce")
+    _check_vector(hinv_task, c, "hinv_task", "hpa_reduce")
+    _check_storage(w_new, "hpa_reduce", float64)
+
+
+def check_hpa_apply(w_prev: Tensor, w_new: Tensor, mask: Tensor, out: Tensor | None, *, float64: bool = False) -> None:
+    """The argument contract of ``hpa_kernels.ops.hpa_apply``."""
+    _check_matrix_pair(w_prev, w_new, "hpa_apply")
+    _check_vector(mask, w_new.shape[1], "mask", "hpa_apply")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"hpa_apply: mask must be bool, got {mask.dtype}")
+    _check_storage(w_new, "hpa_apply", float64)
+    if out is not None and (out.shape != w_new.shape or out.dtype != w_new.dtype or out.device != w_new.device):
+        raise ValueError("hpa_apply: out must match w_new in shape, dtype and device")
+
+
+def check_online_step(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    state_step: Tensor,
+    w_prev: Tensor,
+    mask: Tensor,
+    col_energy: Tensor,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+    *,
+    float64: bool = False,
+) -> None:
+    """The argument contract of ``hpa_kernels.ops.online_step``."""
+    _check_storage(param, "online_step: param", float64)
+    if param.dim() != 2:
+        raise ValueError(f"online_step: param must be 2-D (out_features, in_features), got {tuple(param.shape)}")
+    c = param.shape[1]
+    for name, t in (("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("w_prev", w_prev)):
+        if t.shape != param.shape or t.device != param.device:
+            raise ValueError(f"online_step: {name} must match param's shape {tuple(param.shape)} and device")
+    if grad.dtype != param.dtype or w_prev.dtype != param.dtype:
+        raise TypeError("online_step: grad and w_prev must have param's dtype")
+    if not (_is_f32(exp_avg, float64) and _is_f32(exp_avg_sq, float64)):
+        raise TypeError("online_step: exp_avg and exp_avg_sq must be float32")
+    _check_vector(mask, c, "mask", "online_step")
+    _check_vector(col_energy, c, "col_energy", "online_step")
+    if mask.dtype != torch.bool or not _is_f32(col_energy, float64):
+        raise TypeError("online_step: mask must be bool and col_energy float32")
+    if state_step.numel() != 1:
+        raise ValueError("online_step: state_step must be a one-element tensor")
+    _check_scalar(grad_scale)
+    _check_scalar(found_inf)
