@@ -1,5 +1,5 @@
 // pybind11 bindings of the CPU kernels as hpa_kernels._C. Tensors arrive as raw addresses
-// (tensor.data_ptr()) with sizes and strides; hpa_kernels/ops/native.py checks dtypes, shapes and
+// (tensor.data_ptr()) with sizes and strides; hpa_kernels/ops/schema.py checks dtypes, shapes and
 // devices before calling, and these functions only check what a wrong call would corrupt memory with.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -75,14 +75,13 @@ py::tuple split_range(int64_t n, int64_t parts, int64_t k) {
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "hpa-kernels CPU kernels (csrc/cpu), called by hpa_kernels.ops.native with raw pointers";
+  m.doc() = "hpa-kernels CPU kernels (csrc/cpu), called by hpa_kernels.ops.cpu with raw pointers";
   m.def("adamw", &adamw, "Multi-tensor AdamW over dense tensors of one storage dtype");
   m.def("hpa_reduce", &hpa_reduce, "HPA column scores and Frobenius sums; returns (dot, norm_sq)");
   m.def("hpa_apply", &hpa_apply, "HPA masked, projected write");
   m.def("online_step", &online_step, "Online HPA step; returns the projection coefficient");
   m.def("offset2d", &hpa::offset2d, "64-bit element offset i*stride0 + j*stride1 (index helper, for tests)");
   m.def("split_range", &split_range, "[begin, end) of part k of n items in `parts` parts (for tests)");
-  m.def("num_threads", &hpa::cpu::num_threads, "OpenMP threads the kernels use");
 #ifdef _OPENMP
   m.attr("openmp") = true;
 #else

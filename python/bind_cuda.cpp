@@ -61,7 +61,7 @@ void online_step(int dtype, int64_t r, int64_t c, uintptr_t param, uintptr_t gra
 }  // namespace
 
 PYBIND11_MODULE(_C_cuda, m) {
-  m.doc() = "hpa-kernels CUDA kernels (csrc/cuda), called by hpa_kernels.ops.native with raw device pointers";
+  m.doc() = "hpa-kernels CUDA kernels (csrc/cuda), called by hpa_kernels.ops.cuda with raw device pointers";
   m.def("device_count", &hpa::cuda::device_count, "CUDA devices visible to the static cudart (0 without a GPU)");
   m.def("adamw", &adamw, "Multi-tensor AdamW over dense device tensors of one storage dtype");
   m.def("reduce_workspace_bytes", &hpa::cuda::reduce_workspace_bytes, "Workspace bytes of hpa_reduce");

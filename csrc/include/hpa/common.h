@@ -16,7 +16,7 @@
 
 namespace hpa {
 
-// Storage dtype codes shared with the Python side (hpa_kernels/ops/native.py::_DTYPE_CODES).
+// Storage dtype codes shared with the Python side (hpa_kernels/ops/_native.py::DTYPE_CODES).
 enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
 
 HPA_HD uint32_t f32_bits(float f) {
@@ -137,7 +137,7 @@ constexpr int64_t kRowBlock = 128;
 
 // The adjacent-pair tree sum of a stream of values pushed in order: a binary counter whose level l
 // holds the sum of 2^l values not yet merged. total() equals the tree over the stream zero-padded
-// to a power of two, level by level x[2t] + x[2t+1] (hpa_kernels.ops.reference.pairwise_sum).
+// to a power of two, level by level x[2t] + x[2t+1] (hpa_kernels.ops.torch_ref.pairwise_sum).
 struct PairwiseSum {
   double level[64];
   int64_t count = 0;
