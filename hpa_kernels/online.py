@@ -17,6 +17,7 @@ from torch import Tensor
 
 from . import ops
 from .functional import count_columns, top_columns
+from .optim_state import adamw_hyperparameters
 
 
 def online_layer_step(
@@ -46,7 +47,6 @@ def online_layer_step(
         grad_scale, found_inf: the AMP ``GradScaler`` tensors, or ``None``.
         backend: kernels backend name (``"auto"`` allowed).
     """
-    beta1, beta2 = group["betas"]
     ops.online_step(
         working,
         grad,
@@ -56,12 +56,7 @@ def online_layer_step(
         prev,
         state["hpa_mask"],
         state["hpa_col_energy"],
-        lr=group["lr"],
-        beta1=beta1,
-        beta2=beta2,
-        eps=group["eps"],
-        weight_decay=group["weight_decay"],
-        maximize=group["maximize"],
+        **adamw_hyperparameters(group),
         grad_scale=grad_scale,
         found_inf=found_inf,
         orthogonal=orthogonal,

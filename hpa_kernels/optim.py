@@ -423,19 +423,13 @@ class HPAOptimizer(Optimizer):
         for group, (params, grads, exp_avgs, exp_avg_sqs, steps) in zip(self.param_groups, gathered):
             if not params:
                 continue
-            beta1, beta2 = group["betas"]
             ops.adamw_step(
                 params,
                 grads,
                 exp_avgs,
                 exp_avg_sqs,
                 steps,
-                lr=group["lr"],
-                beta1=beta1,
-                beta2=beta2,
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                maximize=group["maximize"],
+                **optim_state.adamw_hyperparameters(group),
                 grad_scale=grad_scale,
                 found_inf=found_inf,
                 backend=self.backend,

@@ -36,6 +36,20 @@ TASK_STATE = ("hpa_prev", *COLUMN_STATE)
 _LOW_PRECISION = (torch.bfloat16, torch.float16, torch.int64)
 
 
+def adamw_hyperparameters(group: Mapping[str, Any]) -> dict[str, Any]:
+    """The AdamW keyword arguments of ``ops.adamw_step`` and ``ops.online_step`` from a param
+    group: ``lr``, ``beta1``, ``beta2`` (from ``betas``), ``eps``, ``weight_decay``, ``maximize``."""
+    beta1, beta2 = group["betas"]
+    return {
+        "lr": group["lr"],
+        "beta1": beta1,
+        "beta2": beta2,
+        "eps": group["eps"],
+        "weight_decay": group["weight_decay"],
+        "maximize": group["maximize"],
+    }
+
+
 def check_param_dtype(p: Tensor, label: str) -> None:
     """Refuse a parameter no backend can step (complex, integer or bool), naming it.
 
