@@ -193,14 +193,7 @@ def adamw_step(
         exp_avgs,
         exp_avg_sqs,
         state_steps,
-        lr=lr,
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        weight_decay=weight_decay,
-        maximize=maximize,
-        grad_scale=grad_scale,
-        found_inf=found_inf,
+        schema.AdamWHyper(lr, beta1, beta2, eps, weight_decay, maximize, grad_scale, found_inf),
     )
 
 
@@ -362,13 +355,6 @@ def online_step(
         w_prev,
         mask,
         col_energy,
-        lr=lr,
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        weight_decay=weight_decay,
-        maximize=maximize,
-        grad_scale=grad_scale,
-        found_inf=found_inf,
-        orthogonal=orthogonal,
+        schema.AdamWHyper(lr, beta1, beta2, eps, weight_decay, maximize, grad_scale, found_inf),
+        orthogonal,
     )

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ._staging import Staging
+from .schema import AdamWHyper
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # csrc/include/hpa/common.h DType
 
@@ -67,9 +68,9 @@ def cuda_loaded() -> bool:
 # Call arguments (of arguments that passed hpa_kernels.ops.schema)
 
 
-def hyper(lr, beta1, beta2, eps, weight_decay, maximize) -> tuple[float, float, float, float, float, bool]:
+def hyper(h: AdamWHyper) -> tuple[float, float, float, float, float, bool]:
     """AdamW's hyperparameters as the compiled entry points take them."""
-    return float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), bool(maximize)
+    return float(h.lr), float(h.beta1), float(h.beta2), float(h.eps), float(h.weight_decay), bool(h.maximize)
 
 
 def adamw_launches(
@@ -169,9 +170,7 @@ def online_args(
     w_prev: Tensor,
     mask: Tensor,
     col_energy: Tensor,
-    hyperparameters: tuple[float, float, float, float, float, bool],
-    grad_scale: Tensor | None,
-    found_inf: Tensor | None,
+    hyperparameters: AdamWHyper,
     orthogonal: bool,
 ) -> tuple[Staging, tuple]:
     """The tensors of one online step staged contiguous (r and c > 0) and the arguments of its
@@ -189,6 +188,7 @@ def online_args(
     mask_u8 = mask.to(device).contiguous().view(torch.uint8)
     ptrs = (p_, g_, m_, v_, s_, w_, mask_u8, e_)
     staging.keep.extend(ptrs)  # the call takes addresses: keep every copy alive until finish
-    scalars = (staging.scalar_ptr(grad_scale, device), staging.scalar_ptr(found_inf, device), bool(orthogonal))
-    args = (DTYPE_CODES[param.dtype], r, c, *(t.data_ptr() for t in ptrs), *hyperparameters, *scalars)
+    h = hyperparameters
+    scalars = (staging.scalar_ptr(h.grad_scale, device), staging.scalar_ptr(h.found_inf, device), bool(orthogonal))
+    args = (DTYPE_CODES[param.dtype], r, c, *(t.data_ptr() for t in ptrs), *hyper(h), *scalars)
     return staging, args

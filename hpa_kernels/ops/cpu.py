@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from . import _native
-from .schema import Kernels, register
+from .schema import AdamWHyper, Kernels, register
 
 
 def adamw_step(
@@ -20,23 +20,15 @@ def adamw_step(
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor],
-    *,
-    lr: float | Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    maximize: bool = False,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
+    hyper: AdamWHyper,
 ) -> None:
     """See ``hpa_kernels.ops.adamw_step`` (one call per storage dtype)."""
     staging, launches, scale_ptr, inf_ptr = _native.adamw_launches(
-        params, grads, exp_avgs, exp_avg_sqs, state_steps, grad_scale, found_inf
+        params, grads, exp_avgs, exp_avg_sqs, state_steps, hyper.grad_scale, hyper.found_inf
     )
-    hyper = _native.hyper(lr, beta1, beta2, eps, weight_decay, maximize)
+    scalars = _native.hyper(hyper)
     for code, ptrs, numels in launches:
-        _native.CPU_LIB.adamw(code, *ptrs, numels, *hyper, scale_ptr, inf_ptr)
+        _native.CPU_LIB.adamw(code, *ptrs, numels, *scalars, scale_ptr, inf_ptr)
     staging.finish()
 
 
@@ -71,23 +63,14 @@ def online_step(
     w_prev: Tensor,
     mask: Tensor,
     col_energy: Tensor,
-    *,
-    lr: float | Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    maximize: bool = False,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-    orthogonal: bool = True,
+    hyper: AdamWHyper,
+    orthogonal: bool,
 ) -> Tensor:
     """See ``hpa_kernels.ops.online_step`` (both passes in one call)."""
     if param.numel() == 0:
-        return _native.online_empty(state_step, found_inf, param.device)
-    hyper = _native.hyper(lr, beta1, beta2, eps, weight_decay, maximize)
+        return _native.online_empty(state_step, hyper.found_inf, param.device)
     staging, args = _native.online_args(
-        param, grad, exp_avg, exp_avg_sq, state_step, w_prev, mask, col_energy, hyper, grad_scale, found_inf, orthogonal
+        param, grad, exp_avg, exp_avg_sq, state_step, w_prev, mask, col_energy, hyper, orthogonal
     )
     coef = torch.tensor(_native.CPU_LIB.online_step(*args), dtype=torch.float32, device=param.device)
     staging.finish()

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import _native
-from .schema import Kernels, register
+from .schema import AdamWHyper, Kernels, register
 
 
 def _launch(fn: Callable, device: torch.device, *args):
@@ -31,24 +31,16 @@ def adamw_step(
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor],
-    *,
-    lr: float | Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    maximize: bool = False,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
+    hyper: AdamWHyper,
 ) -> None:
     """See ``hpa_kernels.ops.adamw_step`` (one launch per storage dtype)."""
     device = params[0].device
     staging, launches, scale_ptr, inf_ptr = _native.adamw_launches(
-        params, grads, exp_avgs, exp_avg_sqs, state_steps, grad_scale, found_inf
+        params, grads, exp_avgs, exp_avg_sqs, state_steps, hyper.grad_scale, hyper.found_inf
     )
-    hyper = _native.hyper(lr, beta1, beta2, eps, weight_decay, maximize)
+    scalars = _native.hyper(hyper)
     for code, ptrs, numels in launches:
-        _launch(_native.CUDA_LIB.adamw, device, code, *ptrs, numels, *hyper, scale_ptr, inf_ptr)
+        _launch(_native.CUDA_LIB.adamw, device, code, *ptrs, numels, *scalars, scale_ptr, inf_ptr)
     staging.finish()
 
 
@@ -95,26 +87,17 @@ def online_step(
     w_prev: Tensor,
     mask: Tensor,
     col_energy: Tensor,
-    *,
-    lr: float | Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    maximize: bool = False,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-    orthogonal: bool = True,
+    hyper: AdamWHyper,
+    orthogonal: bool,
 ) -> Tensor:
     """See ``hpa_kernels.ops.online_step`` (c' stays on the device)."""
     device = param.device
     if param.numel() == 0:
-        return _native.online_empty(state_step, found_inf, device)
+        return _native.online_empty(state_step, hyper.found_inf, device)
     r, c = param.shape
     f32 = {"dtype": torch.float32, "device": device}
-    hyper = _native.hyper(lr, beta1, beta2, eps, weight_decay, maximize)
     staging, args = _native.online_args(
-        param, grad, exp_avg, exp_avg_sq, state_step, w_prev, mask, col_energy, hyper, grad_scale, found_inf, orthogonal
+        param, grad, exp_avg, exp_avg_sq, state_step, w_prev, mask, col_energy, hyper, orthogonal
     )
     coef = torch.empty((), **f32)
     workspace = torch.empty(_native.CUDA_LIB.online_workspace_bytes(r, c) // 4, **f32)

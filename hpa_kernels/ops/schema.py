@@ -25,15 +25,44 @@ _FLOAT64_DTYPES = (*STORAGE_DTYPES, torch.float64)
 
 
 @dataclass(frozen=True)
+class AdamWHyper:
+    """The AdamW hyperparameters of one ``adamw_step`` / ``online_step`` call, as the backends
+    take them (built once per call by :mod:`hpa_kernels.ops` from its keyword arguments).
+
+    Attributes:
+        lr: learning rate, a float or a one-element tensor (a scheduler's).
+        beta1, beta2, eps, weight_decay, maximize: as ``torch.optim.AdamW``.
+        grad_scale, found_inf: the AMP ``GradScaler`` one-element fp32 tensors, or ``None``.
+    """
+
+    lr: float | Tensor
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    maximize: bool = False
+    grad_scale: Tensor | None = None
+    found_inf: Tensor | None = None
+
+
+@dataclass(frozen=True)
 class Kernels:
-    """One backend's implementations of the four ops (the signatures of :mod:`hpa_kernels.ops`,
-    without ``backend``), called with arguments that passed this module's checks."""
+    """One backend's implementations of the four ops, called with arguments that passed this
+    module's checks. The kernels' signatures (those of :mod:`hpa_kernels.ops` with the AdamW
+    keywords as one :class:`AdamWHyper` and without ``backend``)::
+
+        adamw_step(params, grads, exp_avgs, exp_avg_sqs, state_steps, hyper) -> None
+        hpa_reduce(w_prev, w_new, hinv_safety, hinv_task) -> (eps_bar, zeta_bar, dot, norm_sq)
+        hpa_apply(w_prev, w_new, mask, coef, out) -> Tensor
+        online_step(param, grad, exp_avg, exp_avg_sq, state_step, w_prev, mask, col_energy,
+                    hyper, orthogonal) -> Tensor
+    """
 
     name: str
-    adamw_step: Callable[..., None]
-    hpa_reduce: Callable[..., tuple[Tensor, Tensor, Tensor, Tensor]]
-    hpa_apply: Callable[..., Tensor]
-    online_step: Callable[..., Tensor]
+    adamw_step: Callable[[list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[Tensor], AdamWHyper], None]
+    hpa_reduce: Callable[[Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor, Tensor]]
+    hpa_apply: Callable[[Tensor, Tensor, Tensor, float | Tensor, Tensor | None], Tensor]
+    online_step: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, AdamWHyper, bool], Tensor]
     float64: bool = False  # takes float64 tensors too (the "torch" reference only)
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .schema import ROW_BLOCK, Kernels, register
+from .schema import ROW_BLOCK, AdamWHyper, Kernels, register
 
 
 def _math_dtype(t: Tensor) -> torch.dtype:
@@ -29,43 +29,35 @@ def adamw_step(
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor],
-    *,
-    lr: float | Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    maximize: bool = False,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
+    hyper: AdamWHyper,
 ) -> None:
     """AdamW (Loshchilov & Hutter), the update of ``torch.optim.AdamW``, one tensor at a time.
 
     See ``hpa_kernels.ops.adamw_step`` for the contract.
     """
-    if found_inf is not None and bool(found_inf.item()):
+    if hyper.found_inf is not None and bool(hyper.found_inf.item()):
         return
-    lr_value = float(lr)
+    lr_value, beta1, beta2 = float(hyper.lr), hyper.beta1, hyper.beta2
     for param, grad, exp_avg, exp_avg_sq, step_t in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps):
         if param.numel() == 0:
             step_t += 1
             continue
         math_dtype = _math_dtype(param)
         g = grad.to(math_dtype)
-        if grad_scale is not None:
-            g = g / grad_scale.to(math_dtype)
-        if maximize:
+        if hyper.grad_scale is not None:
+            g = g / hyper.grad_scale.to(math_dtype)
+        if hyper.maximize:
             g = -g
         p = param.to(math_dtype)
         step_t += 1
         step = float(step_t.item())
-        p.mul_(1.0 - lr_value * weight_decay)
+        p.mul_(1.0 - lr_value * hyper.weight_decay)
         exp_avg.lerp_(g, 1.0 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
         bias_correction1 = 1.0 - beta1**step
         bias_correction2 = 1.0 - beta2**step
         step_size = lr_value / bias_correction1
-        denom = (exp_avg_sq.sqrt() / (bias_correction2**0.5)).add_(eps)
+        denom = (exp_avg_sq.sqrt() / (bias_correction2**0.5)).add_(hyper.eps)
         p.addcdiv_(exp_avg, denom, value=-step_size)
         param.copy_(p)
 
@@ -145,41 +137,20 @@ def online_step(
     w_prev: Tensor,
     mask: Tensor,
     col_energy: Tensor,
-    *,
-    lr: float | Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    maximize: bool = False,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-    orthogonal: bool = True,
+    hyper: AdamWHyper,
+    orthogonal: bool,
 ) -> Tensor:
     """The online HPA step, written as its two passes (see ``hpa_kernels.ops.online_step``).
 
     Pass 1 stores the AdamW result rounded to the parameter's dtype (W_prev on retained columns);
     pass 2 subtracts c'·W_prev from the non-retained columns of that stored result.
     """
-    if found_inf is not None and bool(found_inf.item()):
+    if hyper.found_inf is not None and bool(hyper.found_inf.item()):
         return torch.zeros((), dtype=torch.float32, device=param.device)
     math_dtype = _math_dtype(param)
     before = param.to(math_dtype, copy=True)
     after = before.clone()
-    adamw_step(
-        [after],
-        [grad],
-        [exp_avg],
-        [exp_avg_sq],
-        [state_step],
-        lr=lr,
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        weight_decay=weight_decay,
-        maximize=maximize,
-        grad_scale=grad_scale,
-    )
+    adamw_step([after], [grad], [exp_avg], [exp_avg_sq], [state_step], hyper)
     if param.numel() == 0:
         return torch.zeros((), dtype=torch.float32, device=param.device)
     col_energy += (after - before).square().sum(dim=0).to(col_energy.dtype)

@@ -33,7 +33,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._staging import Staging
-from .schema import ROW_BLOCK, Kernels, register
+from .schema import ROW_BLOCK, AdamWHyper, Kernels, register
 
 _ADAMW_BLOCK = 1024
 _TILE_R = 32
@@ -304,10 +304,11 @@ def _online_pass2_kernel(
 # Host launchers (the ops of hpa_kernels.ops for this backend)
 
 
-def _hyper(lr, beta1, beta2, eps, weight_decay, device: torch.device) -> tuple[Tensor | None, dict[str, Any]]:
+def _hyper(hyper: AdamWHyper, device: torch.device) -> tuple[Tensor | None, dict[str, Any]]:
     """The AdamW kernels' hyperparameter arguments: Python floats (fp64 kernel arguments, no
     device tensor is built per call) and, for a CUDA-tensor ``lr``, that tensor (read on the
     device, no host sync)."""
+    lr, beta1, beta2 = hyper.lr, hyper.beta1, hyper.beta2
     lr_tensor = lr if isinstance(lr, Tensor) and lr.device.type == "cuda" else None
     args = {
         "lr": 0.0 if lr_tensor is not None else float(lr),
@@ -315,8 +316,8 @@ def _hyper(lr, beta1, beta2, eps, weight_decay, device: torch.device) -> tuple[T
         "log_beta2": math.log(beta2) if beta2 > 0 else -math.inf,
         "beta1": float(beta1),
         "beta2": float(beta2),
-        "eps": float(eps),
-        "weight_decay": float(weight_decay),
+        "eps": float(hyper.eps),
+        "weight_decay": float(hyper.weight_decay),
         "LR_PTR": lr_tensor is not None,
     }
     if lr_tensor is not None:
@@ -334,30 +335,19 @@ def adamw_step(
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor],
-    *,
-    lr: float | Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    maximize: bool = False,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
+    hyper: AdamWHyper,
 ) -> None:
     """See ``hpa_kernels.ops.adamw_step``."""
     device = params[0].device
     with _on(device):
-        _adamw_launch(params, grads, exp_avgs, exp_avg_sqs, state_steps, device, lr, beta1, beta2, eps,
-                      weight_decay, maximize, grad_scale, found_inf)  # fmt: skip
+        _adamw_launch(params, grads, exp_avgs, exp_avg_sqs, state_steps, device, hyper)
 
 
-def _adamw_launch(
-    params, grads, exp_avgs, exp_avg_sqs, state_steps, device, lr, beta1, beta2, eps, weight_decay, maximize,
-    grad_scale, found_inf,
-) -> None:  # fmt: skip
+def _adamw_launch(params, grads, exp_avgs, exp_avg_sqs, state_steps, device, hyper: AdamWHyper) -> None:
     """The body of :func:`adamw_step`, on the tensors' device."""
     staging = Staging()
-    lr_tensor, hyper = _hyper(lr, beta1, beta2, eps, weight_decay, device)
+    grad_scale, found_inf = hyper.grad_scale, hyper.found_inf
+    lr_tensor, scalars = _hyper(hyper, device)
     scale_ptr = staging.scalar_tensor(grad_scale, device)
     inf_ptr = staging.scalar_tensor(found_inf, device)
     skip = _skip_flag(found_inf, device)
@@ -371,8 +361,8 @@ def _adamw_launch(
         if n > 0:
             grid = (triton.cdiv(n, _ADAMW_BLOCK),)
             _adamw_kernel[grid](
-                p_, g_, m_, v_, s_, s_ if lr_tensor is None else lr_tensor, scale_ptr, inf_ptr, n, **hyper,
-                HAS_SCALE=grad_scale is not None, HAS_INF=found_inf is not None, MAXIMIZE=bool(maximize),
+                p_, g_, m_, v_, s_, s_ if lr_tensor is None else lr_tensor, scale_ptr, inf_ptr, n, **scalars,
+                HAS_SCALE=grad_scale is not None, HAS_INF=found_inf is not None, MAXIMIZE=bool(hyper.maximize),
                 BLOCK=_ADAMW_BLOCK, **LAUNCH_OPTIONS,
             )  # fmt: skip
         s_.add_(1.0 if skip is None else (~skip).to(torch.float32))
@@ -445,35 +435,26 @@ def online_step(
     w_prev: Tensor,
     mask: Tensor,
     col_energy: Tensor,
-    *,
-    lr: float | Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    maximize: bool = False,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-    orthogonal: bool = True,
+    hyper: AdamWHyper,
+    orthogonal: bool,
 ) -> Tensor:
     """See ``hpa_kernels.ops.online_step``."""
     device = param.device
     r, c = param.shape
     f32 = {"dtype": torch.float32, "device": device}
-    skip = _skip_flag(found_inf, device)
+    skip = _skip_flag(hyper.found_inf, device)
     if r == 0 or c == 0:
         state_step.add_(1.0 if skip is None else (~skip).to(state_step.device, state_step.dtype))
         return torch.zeros((), **f32)
     with _on(device):
         return _online_launch(
-            param, grad, exp_avg, exp_avg_sq, state_step, w_prev, mask, col_energy, device, skip, lr, beta1, beta2,
-            eps, weight_decay, maximize, grad_scale, found_inf, orthogonal,
-        )  # fmt: skip
+            param, grad, exp_avg, exp_avg_sq, state_step, w_prev, mask, col_energy, device, skip, hyper, orthogonal
+        )
 
 
 def _online_launch(
-    param, grad, exp_avg, exp_avg_sq, state_step, w_prev, mask, col_energy, device, skip, lr, beta1, beta2, eps,
-    weight_decay, maximize, grad_scale, found_inf, orthogonal,
+    param, grad, exp_avg, exp_avg_sq, state_step, w_prev, mask, col_energy, device, skip, hyper: AdamWHyper,
+    orthogonal: bool,
 ) -> Tensor:  # fmt: skip
     """The body of :func:`online_step`, on the tensors' device."""
     r, c = param.shape
@@ -489,12 +470,13 @@ def _online_launch(
     chunks, tiles = triton.cdiv(r, _ONLINE_CHUNK_ROWS), triton.cdiv(c, _TILE_C)
     cols = torch.empty(chunks, c, **f32)
     dots, norms = torch.empty(chunks * tiles, **f32), torch.empty(chunks * tiles, **f32)
-    lr_tensor, hyper = _hyper(lr, beta1, beta2, eps, weight_decay, device)
+    grad_scale, found_inf = hyper.grad_scale, hyper.found_inf
+    lr_tensor, scalars = _hyper(hyper, device)
     _online_pass1_kernel[(tiles, chunks)](
         p_, g_, m_, v_, w_, mask_u8, s_, s_ if lr_tensor is None else lr_tensor,
         staging.scalar_tensor(grad_scale, device), staging.scalar_tensor(found_inf, device),
-        cols, dots, norms, r, c, _ONLINE_CHUNK_ROWS, **hyper,
-        HAS_SCALE=grad_scale is not None, HAS_INF=found_inf is not None, MAXIMIZE=bool(maximize),
+        cols, dots, norms, r, c, _ONLINE_CHUNK_ROWS, **scalars,
+        HAS_SCALE=grad_scale is not None, HAS_INF=found_inf is not None, MAXIMIZE=bool(hyper.maximize),
         BLOCK_R=_TILE_R, BLOCK_C=_TILE_C, **LAUNCH_OPTIONS,
     )  # fmt: skip
     energy = (col_energy.double() + cols.double().sum(dim=0)).float()
