@@ -84,8 +84,10 @@ DRY_RUN_TIMEOUT_SCALE = 3  # a shared CPU machine and the Triton interpreter are
 
 
 def step_timeout(step: Step, dry_run: bool) -> int:
-    """Seconds ``step`` may take: its ``timeout_s``, times :data:`DRY_RUN_TIMEOUT_SCALE` in a dry run."""
-    return step.timeout_s * (DRY_RUN_TIMEOUT_SCALE if dry_run else 1)
+    """Seconds ``step`` may take: its ``timeout_s``, times :data:`DRY_RUN_TIMEOUT_SCALE` in a dry run,
+    times ``HPA_GPU_CHECK_TIMEOUT_SCALE`` (default 1; a slow or loaded machine, e.g. under pytest)."""
+    scale = float(os.environ.get("HPA_GPU_CHECK_TIMEOUT_SCALE", "1"))
+    return int(step.timeout_s * (DRY_RUN_TIMEOUT_SCALE if dry_run else 1) * scale)
 
 
 @dataclass(frozen=True)
