@@ -366,8 +366,9 @@ class HPAOptimizer(Optimizer):
 
     def _init_group(self, group: dict[str, Any], skip: frozenset[int] = frozenset()) -> tuple[list[Tensor], ...]:
         """State of every parameter with a gradient (created on first use); the lists the kernels
-        take, without the parameters in ``skip`` (ids of weights the online step handles)."""
-        params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+        take, without the parameters in ``skip`` (ids of weights the online step handles), and the
+        ``(parameter, fp32 master copy)`` pairs among them."""
+        params, grads, exp_avgs, exp_avg_sqs, steps, masters = [], [], [], [], [], []
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -383,15 +384,24 @@ class HPAOptimizer(Optimizer):
             if id(p) in skip:
                 continue
             master = state.get("master_param")
-            # DTensor (FSDP2) parameters: AdamW is elementwise, each rank steps its own shard.
             # With a master copy, the step updates it (fp32 gradient, as the kernels' contract) and
             # the parameter receives its rounding in step().
-            params.append(distributed.local_tensor(p if master is None else master))
-            grads.append(distributed.local_tensor(p.grad if master is None else p.grad.float()))
-            exp_avgs.append(distributed.local_tensor(state["exp_avg"]))
-            exp_avg_sqs.append(distributed.local_tensor(state["exp_avg_sq"]))
+            tensors = (
+                p if master is None else master,
+                p.grad if master is None else p.grad.float(),
+                state["exp_avg"],
+                state["exp_avg_sq"],
+            )
+            if distributed.is_sharded(p):  # DTensor (FSDP2): AdamW is elementwise, each rank steps its shard
+                tensors = tuple(distributed.local_tensor(t) for t in tensors)
+            params.append(tensors[0])
+            grads.append(tensors[1])
+            exp_avgs.append(tensors[2])
+            exp_avg_sqs.append(tensors[3])
             steps.append(state["step"])
-        return params, grads, exp_avgs, exp_avg_sqs, steps
+            if master is not None:
+                masters.append((p, master))
+        return params, grads, exp_avgs, exp_avg_sqs, steps, masters
 
     @torch._disable_dynamo  # deliberate: see "torch.compile" in the class docstring
     @torch.no_grad()
@@ -420,7 +430,7 @@ class HPAOptimizer(Optimizer):
         found_inf = getattr(self, "found_inf", None)
         online_weights = self._online_weights()
         gathered = [self._init_group(group, frozenset(online_weights)) for group in self.param_groups]
-        for group, (params, grads, exp_avgs, exp_avg_sqs, steps) in zip(self.param_groups, gathered):
+        for group, (params, grads, exp_avgs, exp_avg_sqs, steps, masters) in zip(self.param_groups, gathered):
             if not params:
                 continue
             ops.adamw_step(
@@ -434,10 +444,8 @@ class HPAOptimizer(Optimizer):
                 found_inf=found_inf,
                 backend=self.backend,
             )
-            for p in group["params"]:
-                master = self.state[p].get("master_param") if p.grad is not None else None
-                if master is not None:
-                    p.copy_(master)  # the parameter is the rounding of its fp32 master copy
+            for p, master in masters:
+                p.copy_(master)  # the parameter is the rounding of its fp32 master copy
         if online_weights:
             self._online_step(online_weights, grad_scale, found_inf)
         return loss

@@ -1,5 +1,6 @@
-// Multi-tensor AdamW on the CPU: one call per storage dtype, the tensors cut into fixed chunks
-// that OpenMP threads share statically (a huge tensor and many small ones balance alike).
+// Multi-tensor AdamW on the CPU: one call per storage dtype. The tensors are laid end to end and
+// that element range is cut into one contiguous share per thread (a huge tensor and many small ones
+// balance alike); a call too small to pay for a fork/join runs on the calling thread alone.
 #include <algorithm>
 #include <stdexcept>
 #include <vector>
@@ -24,13 +25,10 @@ int num_threads() {
 
 namespace {
 
-constexpr int64_t kChunk = int64_t{1} << 16;  // elements per work item
-
-struct Chunk {
-  int64_t tensor;
-  int64_t begin;
-  int64_t end;
-};
+// Fewest elements worth a thread of their own (below it the fork/join costs more than it saves).
+constexpr int64_t kMinPerThread = int64_t{1} << 15;
+// Shares start on multiples of this many elements: two threads never write one 64-byte line of m, v.
+constexpr int64_t kShareAlign = 64;
 
 // One contiguous run [0, n) of a tensor. kScaled / kLowWeight are the call's loop-invariant choices
 // (grad_scale given; lerp branch), hoisted out of the loop so that it has no control flow left and
@@ -87,28 +85,49 @@ void adamw_typed(int64_t n, const uintptr_t* params, const uintptr_t* grads, con
                  const float* grad_scale) {
   using Raw = typename Storage<D>::Raw;
   std::vector<AdamWStepConsts> consts(static_cast<size_t>(n));
-  std::vector<Chunk> chunks;
+  std::vector<int64_t> offsets(static_cast<size_t>(n) + 1, 0);  // tensor t is [offsets[t], offsets[t+1])
   for (int64_t t = 0; t < n; ++t) {
     float* step = reinterpret_cast<float*>(steps[t]);
     *step += 1.0f;  // fp32 step count, as torch's state_steps
     consts[static_cast<size_t>(t)] = adamw_consts(h, static_cast<double>(*step));
-    for (int64_t b = 0; b < numels[t]; b += kChunk) chunks.push_back({t, b, std::min(numels[t], b + kChunk)});
+    offsets[static_cast<size_t>(t) + 1] = offsets[static_cast<size_t>(t)] + numels[t];
   }
+  const int64_t total = offsets[static_cast<size_t>(n)];
   const bool has_scale = grad_scale != nullptr;
   const float scale = has_scale ? *grad_scale : 1.0f;
   const float sign = h.maximize ? -1.0f : 1.0f;
   // lerp_weight = fp32(1 - beta1) is the same for every tensor of the call.
   const bool low_weight = n > 0 && consts[0].lerp_weight < 0.5f;
   const AdamWRunFn<D> run = pick_run<D>(has_scale, low_weight);
-  const int64_t nchunks = static_cast<int64_t>(chunks.size());
-#pragma omp parallel for schedule(static) if (nchunks > 1)
-  for (int64_t q = 0; q < nchunks; ++q) {
-    const Chunk& ch = chunks[static_cast<size_t>(q)];
-    const size_t t = static_cast<size_t>(ch.tensor);
-    run(reinterpret_cast<Raw*>(params[t]) + ch.begin, reinterpret_cast<const Raw*>(grads[t]) + ch.begin,
-        reinterpret_cast<float*>(exp_avgs[t]) + ch.begin, reinterpret_cast<float*>(exp_avg_sqs[t]) + ch.begin,
-        ch.end - ch.begin, consts[t], scale, sign);
+  // Elements [lo, hi) of the concatenation: each tensor's overlap with it, in order.
+  auto run_range = [&](int64_t lo, int64_t hi) {
+    size_t t = static_cast<size_t>(std::upper_bound(offsets.begin(), offsets.end(), lo) - offsets.begin()) - 1;
+    for (; lo < hi; ++t) {
+      const int64_t begin = lo - offsets[t];
+      const int64_t end = std::min(hi, offsets[t + 1]) - offsets[t];
+      if (end > begin) {
+        run(reinterpret_cast<Raw*>(params[t]) + begin, reinterpret_cast<const Raw*>(grads[t]) + begin,
+            reinterpret_cast<float*>(exp_avgs[t]) + begin, reinterpret_cast<float*>(exp_avg_sqs[t]) + begin,
+            end - begin, consts[t], scale, sign);
+      }
+      lo = offsets[t] + end;
+    }
+  };
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(num_threads(), total / kMinPerThread));
+  if (threads == 1) {
+    run_range(0, total);
+    return;
   }
+  // Thread k's share: [bound(k), bound(k + 1)), bounds rounded to kShareAlign within a tensor.
+  auto bound = [&](int64_t k) {
+    if (k >= threads) return total;
+    const int64_t cut = total / threads * k;
+    const size_t t = static_cast<size_t>(std::upper_bound(offsets.begin(), offsets.end(), cut) - offsets.begin()) - 1;
+    const int64_t aligned = offsets[t] + (cut - offsets[t]) / kShareAlign * kShareAlign;
+    return aligned;
+  };
+#pragma omp parallel for schedule(static, 1) num_threads(static_cast<int>(threads))
+  for (int64_t k = 0; k < threads; ++k) run_range(bound(k), bound(k + 1));
 }
 
 }  // namespace

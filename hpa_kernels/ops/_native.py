@@ -94,6 +94,17 @@ def adamw_launches(
     staging = Staging()
     groups: dict[int, list[tuple[Tensor, Tensor, Tensor, Tensor, Tensor]]] = {}
     for p, g, m, v, s in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps):
+        if (
+            p.is_contiguous()
+            and g.is_contiguous()
+            and m.is_contiguous()
+            and v.is_contiguous()
+            and g.dtype == p.dtype
+            and s.dtype == torch.float32
+            and m.device == v.device == s.device == device
+        ):  # the kernels' layout already: the caller's own tensors
+            groups.setdefault(DTYPE_CODES[p.dtype], []).append((p, g, m, v, s))
+            continue
         p_ = staging.dense(p)
         entry = (
             p_,
