@@ -1,6 +1,7 @@
-"""``end_task``'s edit of the managed layers: every layer planned before the first write
-(HPA_SPEC.md Steps 1–2), then each layer's Ŵ computed aside and copied in whole (Step 3), so
-that a failure leaves every layer either fully edited or untouched; and what the edit did."""
+"""The task lifecycle's work on the managed layers: ``begin_task``'s snapshot (HPA_SPEC.md Step 0)
+and ``end_task``'s edit: every layer planned before the first write (Steps 1–2), then each layer's
+Ŵ computed aside and copied in whole (Step 3), so that a failure leaves every layer either fully
+edited or untouched; and what the edit did."""
 
 from __future__ import annotations
 
@@ -97,6 +98,35 @@ def check_task_support(layers: Mapping[str, ManagedLayer], *, online: bool) -> N
                 f"{type(layer.module).__name__} whose weight is stored (in_features, out_features) "
                 "(GPT-2 Conv1D); use HPAConfig(online=False), whose end_task edits it"
             )
+
+
+def snapshot_layers(
+    layers: Mapping[str, ManagedLayer],
+    optimizer_state: MutableMapping[Tensor, Any],
+    hinv_safety: Mapping[str, Tensor],
+    *,
+    working_of: Callable[[Tensor], Tensor],
+    online: bool,
+) -> None:
+    """``begin_task``'s state of every managed layer (HPA_SPEC.md Step 0), on checked inputs.
+
+    ``hpa_prev``: W_prev, a contiguous copy of the working tensor (the fp32 master copy, or the
+    weight), or for a PEFT LoRA layer the merged weight; ``hpa_hinv_safety``: an fp32 copy of
+    its safety diag(H⁻¹) on the weight's device; in online mode ``hpa_mask`` (bool (c,), nothing
+    retained until the first refresh) and ``hpa_col_energy`` (fp32 (c,) zeros).
+    """
+    for name, layer in layers.items():
+        weight = layer.module.weight
+        state = optimizer_state[weight]
+        if layer.adapter is not None:
+            state["hpa_prev"] = adapters.merged_weight(layer.adapter, weight)
+        else:
+            state["hpa_prev"] = working_of(weight).clone(memory_format=torch.contiguous_format)
+        state["hpa_hinv_safety"] = hinv_safety[name].detach().to(device=weight.device, dtype=torch.float32).clone()
+        if online:
+            columns = layer.in_features
+            state["hpa_mask"] = torch.zeros(columns, dtype=torch.bool, device=weight.device)
+            state["hpa_col_energy"] = torch.zeros(columns, dtype=torch.float32, device=weight.device)
 
 
 def plan_edits(

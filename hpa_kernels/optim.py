@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from . import adapters, distributed, online, ops, optim_state
+from . import adapters, online, ops, optim_state, optim_step
 from .config import HPAConfig
 from .edit import (
     HPAEditError,
@@ -19,6 +19,7 @@ from .edit import (
     check_task_support,
     check_weights_finite,
     plan_edits,
+    snapshot_layers,
     write_edits,
 )
 from .functional import LayerReport
@@ -27,7 +28,6 @@ from .layers import ManagedLayer, find_hpa_layers
 __all__ = ["HPAEditError", "HPAOptimizer", "LayerReport"]
 
 
-# Attributes of HPAOptimizer kept by copy.deepcopy and pickle besides torch.optim.Optimizer's own.
 def _renamed(method: str, name: str, value: Any, old_name: str, old_value: Any) -> Any:
     """``value``, or ``old_value`` passed under the argument's former name (a ``DeprecationWarning``).
 
@@ -46,10 +46,8 @@ def _renamed(method: str, name: str, value: Any, old_name: str, old_value: Any) 
     return old_value
 
 
+# Attributes of HPAOptimizer kept by copy.deepcopy and pickle besides torch.optim.Optimizer's own.
 _PICKLED_ATTRS = ("hpa", "backend", "hpa_layers", "_edited", "_in_task", "_tasks_completed", "_online_steps")
-_LOW_PRECISION = (torch.bfloat16, torch.float16)
-# Parameter dtypes every kernels backend steps; the "torch" reference also steps float64.
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class HPAOptimizer(Optimizer):
@@ -156,7 +154,7 @@ class HPAOptimizer(Optimizer):
         self._edited: dict[str, LayerReport] = {}  # layers end_task already wrote (a retry skips them)
         super().__init__(params, defaults)
         if master_weights is None and any(
-            p.dtype in _LOW_PRECISION and p.requires_grad for g in self.param_groups for p in g["params"]
+            p.dtype in optim_step.LOW_PRECISION and p.requires_grad for g in self.param_groups for p in g["params"]
         ):
             warnings.warn(
                 "HPAOptimizer: bf16/fp16 parameters without master weights: an update below half a unit in "
@@ -299,20 +297,8 @@ class HPAOptimizer(Optimizer):
         columns_of = {id(layer.module.weight): (layer.in_features,) for layer in self.hpa_layers.values()}
         optim_state.check_saved_state(state_dict["state"], by_id, columns_of, self._param_names)
         super().load_state_dict(state_dict)
-        for group in self.param_groups:
-            for key in set(group) - optim_state.GROUP_KEYS:
-                del group[key]
-            for key, value in self.defaults.items():
-                if key in optim_state.GROUP_KEYS:
-                    group.setdefault(key, value)
-        for saved_id, saved_state in state_dict["state"].items():
-            param = by_id.get(saved_id)
-            if param is None:
-                continue  # state of no parameter: torch keeps it as is
-            for key, value in saved_state.items():
-                if isinstance(value, Tensor) or key == "step":
-                    # torch's loader casts floating state to the parameter's dtype; undo that, and copy.
-                    self.state[param][key] = optim_state.restored_value(key, value, param)
+        optim_state.restore_groups(self.param_groups, self.defaults)
+        optim_state.restore_state(self.state, state_dict["state"], by_id)
         self._in_task = bool(lifecycle["in_task"])
         self._tasks_completed = int(lifecycle["tasks_completed"])
         self._online_steps = int(lifecycle.get("online_steps", 0))
@@ -329,79 +315,6 @@ class HPAOptimizer(Optimizer):
         return self._tasks_completed
 
     # ------------------------------------------------------------------ the AdamW step
-
-    def _param_label(self, group_index: int, index: int, p: Tensor) -> str:
-        group = self.param_groups[group_index]
-        names = group.get("param_names")
-        name = names[index] if names else self._param_names.get(id(p))
-        where = f"parameter {index} of param group {group_index}" + (f" {group['name']!r}" if "name" in group else "")
-        return f"{name!r} ({where}, shape {tuple(p.shape)})" if name else f"{where}, shape {tuple(p.shape)}"
-
-    def _check_grads(self) -> None:
-        """Every parameter with a gradient can be stepped (dense, real, a dtype its backend steps):
-        raises, naming the parameter, before any state changes."""
-        backends: dict[torch.device, str] = {}
-        for group_index, group in enumerate(self.param_groups):
-            for index, p in enumerate(group["params"]):
-                grad = p.grad
-                if grad is None:
-                    continue
-                if grad.layout != torch.strided:
-                    raise TypeError(
-                        f"HPAOptimizer does not support sparse gradients ({grad.layout}): "
-                        f"{self._param_label(group_index, index, p)}"
-                    )
-                if p.is_complex() or grad.is_complex():
-                    raise TypeError(
-                        f"HPAOptimizer does not support complex tensors: {self._param_label(group_index, index, p)}"
-                    )
-                if p.device not in backends:
-                    backends[p.device] = ops.resolve_backend(self.backend, p.device)
-                if p.dtype not in _KERNEL_DTYPES and not (p.dtype == torch.float64 and backends[p.device] == "torch"):
-                    raise TypeError(
-                        f"HPAOptimizer: the {backends[p.device]!r} backend steps float32, bfloat16 and float16 "
-                        f"parameters (float64 only with backend='torch'); {self._param_label(group_index, index, p)} "
-                        f"is {p.dtype}"
-                    )
-
-    def _init_group(self, group: dict[str, Any], skip: frozenset[int] = frozenset()) -> tuple[list[Tensor], ...]:
-        """State of every parameter with a gradient (created on first use); the lists the kernels
-        take, without the parameters in ``skip`` (ids of weights the online step handles), and the
-        ``(parameter, fp32 master copy)`` pairs among them."""
-        params, grads, exp_avgs, exp_avg_sqs, steps, masters = [], [], [], [], [], []
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            state = self.state[p]
-            if "step" not in state:
-                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                # fp32 moments; float64 parameters (backend "torch" only) keep float64 ones.
-                moments = torch.float64 if p.dtype == torch.float64 else torch.float32
-                state["exp_avg"] = torch.zeros_like(p, dtype=moments, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, dtype=moments, memory_format=torch.preserve_format)
-            if group.get("master_weights") and p.dtype in _LOW_PRECISION and "master_param" not in state:
-                state["master_param"] = p.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
-            if id(p) in skip:
-                continue
-            master = state.get("master_param")
-            # With a master copy, the step updates it (fp32 gradient, as the kernels' contract) and
-            # the parameter receives its rounding in step().
-            tensors = (
-                p if master is None else master,
-                p.grad if master is None else p.grad.float(),
-                state["exp_avg"],
-                state["exp_avg_sq"],
-            )
-            if distributed.is_sharded(p):  # DTensor (FSDP2): AdamW is elementwise, each rank steps its shard
-                tensors = tuple(distributed.local_tensor(t) for t in tensors)
-            params.append(tensors[0])
-            grads.append(tensors[1])
-            exp_avgs.append(tensors[2])
-            exp_avg_sqs.append(tensors[3])
-            steps.append(state["step"])
-            if master is not None:
-                masters.append((p, master))
-        return params, grads, exp_avgs, exp_avg_sqs, steps, masters
 
     @torch._disable_dynamo  # deliberate: see "torch.compile" in the class docstring
     @torch.no_grad()
@@ -425,11 +338,12 @@ class HPAOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._check_grads()  # every check before any state changes
+        optim_step.check_grads(self.param_groups, self.backend, self._param_names)  # before any state changes
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         online_weights = self._online_weights()
-        gathered = [self._init_group(group, frozenset(online_weights)) for group in self.param_groups]
+        skip = frozenset(online_weights)
+        gathered = [optim_step.gather_group(group, self.state, skip) for group in self.param_groups]
         for group, (params, grads, exp_avgs, exp_avg_sqs, steps, masters) in zip(self.param_groups, gathered):
             if not params:
                 continue
@@ -539,18 +453,9 @@ class HPAOptimizer(Optimizer):
             checked = check_statistics("hinv_safety", hinv_safety, self.hpa_layers)
             check_weights_finite(self.hpa_layers)
             check_task_support(self.hpa_layers, online=self.hpa.online)
-            for name, layer in self.hpa_layers.items():
-                weight = layer.module.weight
-                state = self.state[weight]
-                if layer.adapter is not None:  # PEFT LoRA: W_prev is the merged weight
-                    state["hpa_prev"] = adapters.merged_weight(layer.adapter, weight)
-                else:  # the fp32 master copy when there is one (master weights)
-                    state["hpa_prev"] = self._working_weight(weight).clone(memory_format=torch.contiguous_format)
-                state["hpa_hinv_safety"] = checked[name].detach().to(device=weight.device, dtype=torch.float32).clone()
-                if self.hpa.online:  # online mode: no column retained until the first refresh
-                    columns = layer.in_features
-                    state["hpa_mask"] = torch.zeros(columns, dtype=torch.bool, device=weight.device)
-                    state["hpa_col_energy"] = torch.zeros(columns, dtype=torch.float32, device=weight.device)
+            snapshot_layers(
+                self.hpa_layers, self.state, checked, working_of=self._working_weight, online=self.hpa.online
+            )
         self._online_steps = 0
         self._in_task = True
 

@@ -4,7 +4,7 @@ before anything is loaded."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Any
 
 import torch
@@ -156,6 +156,37 @@ def restored_value(key: str, value: Any, param: Tensor) -> Any:
         return value
     widen = key in ("exp_avg", "exp_avg_sq", "step") and value.dtype in _LOW_PRECISION
     return value.to(device=param.device, dtype=torch.float32 if widen else value.dtype, copy=True)
+
+
+def restore_groups(param_groups: Iterable[dict[str, Any]], defaults: Mapping[str, Any]) -> None:
+    """After ``torch.optim.Optimizer.load_state_dict``: drop the keys of loaded groups that
+    HPAOptimizer does not keep (a ``torch.optim.AdamW`` group's ``foreach``, ``amsgrad``, ...,
+    checked by :func:`check_saved_groups`) and give the keys they lack their ``defaults``."""
+    for group in param_groups:
+        for key in set(group) - GROUP_KEYS:
+            del group[key]
+        for key, value in defaults.items():
+            if key in GROUP_KEYS:
+                group.setdefault(key, value)
+
+
+def restore_state(
+    state: MutableMapping[Tensor, dict[str, Any]],
+    saved_state: Mapping[Any, Mapping[str, Any]],
+    by_id: Mapping[Any, Tensor],
+) -> None:
+    """After ``torch.optim.Optimizer.load_state_dict``: every saved tensor entry (and ``step``)
+    re-read from ``saved_state`` as :func:`restored_value` makes it (torch's loader casts
+    floating state to the parameter's dtype; the optimizer keeps saved dtypes, and copies).
+    ``by_id`` maps the saved parameter ids to the parameters; state of no parameter is left
+    as torch keeps it."""
+    for saved_id, saved in saved_state.items():
+        param = by_id.get(saved_id)
+        if param is None:
+            continue
+        for key, value in saved.items():
+            if isinstance(value, Tensor) or key == "step":
+                state[param][key] = restored_value(key, value, param)
 
 
 def saved_lifecycle(state_dict: Mapping[str, Any], tasks_completed: int) -> dict[str, Any]:
