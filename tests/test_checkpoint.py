@@ -192,10 +192,10 @@ def _sharded_pair(tmp_path, generator):
 @pytest.mark.parametrize("failure", ["nan", "wrong_shard", "missing_shard", "backend", "write"])
 @pytest.mark.parametrize("out_exists", [False, True], ids=["no-out", "empty-out"])
 def test_failed_adjust_leaves_no_checkpoint(tmp_path, monkeypatch, failure: str, out_exists: bool) -> None:
-    """Issue 13: a failed hpa-adjust (a NaN in one tensor of the *after* checkpoint, a wrong shard
-    in an index, an unknown --backend) left ``--out`` holding a half-edited checkpoint that loads
-    normally. Every check now runs before anything is written and the copy is renamed into place
-    only on success: after a failure ``--out`` is as it was and no temporary folder is left."""
+    """A failed hpa-adjust (a NaN in one tensor of the *after* checkpoint, a wrong shard in an
+    index, an unknown --backend) leaves ``--out`` as it was (absent, or empty) and no temporary
+    folder: every check runs before anything is written and the copy is renamed into place only
+    on success, so no half-edited checkpoint can load."""
     from hpa_kernels import ops
 
     names, after, hinv = _sharded_pair(tmp_path, torch.Generator().manual_seed(0))

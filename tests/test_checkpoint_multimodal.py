@@ -57,10 +57,9 @@ def tiny_gpt2() -> torch.nn.Module:
 
 
 def test_gpt2_conv1d_checkpoint_edit_equals_end_task(tmp_path) -> None:
-    """GPT-2's Conv1D weights are stored (in, out): hpa-adjust used to take the column count from
-    the stored second dimension (c_attn (16, 48), mlp.c_proj (64, 16) refused with a length
-    mismatch) and planned on the raw tensor (the square attn.c_proj (16, 16) edited with rows and
-    columns swapped). Now hpa-calibrate + hpa-adjust give bit for bit the weights of
+    """GPT-2's Conv1D weights are stored (in, out): hpa-calibrate + hpa-adjust take each one's
+    columns from its input features (c_attn (16, 48), mlp.c_proj (64, 16), the square
+    attn.c_proj (16, 16) not transposed by mistake) and give bit for bit the weights of
     HPAOptimizer.end_task on the same model and statistics, whose Conv1D edit is that of the
     equivalent nn.Linear (tests/test_model_families.py)."""
     model = tiny_gpt2()
