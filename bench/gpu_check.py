@@ -20,9 +20,11 @@ the next ones:
    tensors (:func:`llama7b_spec`) per backend. A host sync fails: a refusal under
    ``torch.cuda.set_sync_debug_mode("error")``, a synchronising CUDA call or a copy from pageable
    host memory in the profile (:func:`count_events`).
-7. ``bits``: the four outputs of ``hpa_reduce`` and the columns :func:`hpa_kernels.functional.select_columns`
-   retains from them, on every backend, against the ``torch`` backend on CPU tensors
-   (:func:`compare_bits`); one differing bit fails.
+7. ``bits``: the three outputs of ``hpa_reduce``, the scores ε̄, ζ̄
+   :func:`hpa_kernels.functional.column_scores_from_energy` makes of its column energies on the same
+   device, and the columns :func:`hpa_kernels.functional.select_columns` retains from them, on every
+   backend, against the ``torch`` backend on CPU tensors (:func:`compare_bits`); one differing bit
+   fails.
 
 The exit status is 0 only when no check failed (:func:`exit_status`); a summary table ends the
 output (also written to ``<log>/summary.txt``, next to each step's log).
@@ -175,9 +177,8 @@ def adamw_bytes(numel: int, param_size: int, moment_size: int = 4) -> int:
 
 def reduce_bytes(rows: int, cols: int, size: int) -> int:
     """Bytes of ``hpa_reduce`` on (rows, cols) weights of ``size`` bytes per element: W_prev and
-    W_new read, the fp32 (cols,) hinv_safety and hinv_task read, the fp32 (cols,) ε̄ and ζ̄ and the
-    fp32 0-d dot and norm² written."""
-    return 2 * rows * cols * size + 16 * cols + 8
+    W_new read, the fp64 (cols,) column energies and the fp32 0-d dot and norm² written."""
+    return 2 * rows * cols * size + 8 * cols + 8
 
 
 def apply_bytes(rows: int, cols: int, size: int) -> int:
@@ -289,16 +290,17 @@ def count_events(events: Iterable[Any], marker: str) -> dict[str, int]:
     return {"kernels": kernels, "copies": copies, "syncs": syncs}
 
 
-BIT_OUTPUTS = ("eps_bar", "zeta_bar", "dot", "norm_sq", "mask")
+BIT_OUTPUTS = ("col_energy", "dot", "norm_sq", "eps_bar", "zeta_bar", "mask")
 
 
 def compare_bits(want: Sequence[Any], got: Mapping[str, Sequence[Any]]) -> list[str]:
     """What differs, bit for bit, between the reference's outputs ``want`` and each backend's.
 
     Args:
-        want: the five tensors of :data:`BIT_OUTPUTS` on CPU: ``hpa_reduce``'s float32 (c,) ε̄,
-            (c,) ζ̄, 0-d dot, 0-d norm², and the (c,) bool mask selected from them.
-        got: backend name → the same five, on CPU.
+        want: the six tensors of :data:`BIT_OUTPUTS` on CPU: ``hpa_reduce``'s float64 (c,) column
+            energies, float32 0-d dot and 0-d norm², the float32 (c,) ε̄ and ζ̄ from the energies,
+            and the (c,) bool mask selected from them.
+        got: backend name → the same six, on CPU.
 
     Returns:
         One line per differing output (``"<backend> <output>: k of n differ"``, or its dtype and
@@ -306,8 +308,10 @@ def compare_bits(want: Sequence[Any], got: Mapping[str, Sequence[Any]]) -> list[
     """
     import torch
 
+    integers = {torch.float32: torch.int32, torch.float64: torch.int64}
+
     def raw(t: torch.Tensor) -> torch.Tensor:
-        return t.reshape(-1).view(torch.int32) if t.dtype == torch.float32 else t.reshape(-1)
+        return t.reshape(-1).view(integers[t.dtype]) if t.dtype in integers else t.reshape(-1)
 
     differences = []
     for backend, outputs in got.items():
@@ -665,7 +669,7 @@ def bits_report(dry_run: bool) -> Report:
     import torch
 
     from hpa_kernels import ops
-    from hpa_kernels.functional import select_columns
+    from hpa_kernels.functional import column_scores_from_energy, select_columns
 
     sizes = DRY_RUN_SIZES if dry_run else GPU_SIZES
     device = _device(dry_run)
@@ -682,9 +686,12 @@ def bits_report(dry_run: bool) -> Report:
         cases += [(sizes.bit_large, dtype) for dtype in (torch.float32, torch.bfloat16)]
 
     def outputs(inputs, backend, dev):
-        reduced = ops.hpa_reduce(*(t.to(dev) for t in inputs), backend=backend)
-        mask, _ = select_columns(reduced[0], reduced[1], RETAIN_RATIO)
-        return [t.cpu() for t in (*reduced, mask)]
+        w_prev, w_new, hinv_safety, hinv_task = (t.to(dev) for t in inputs)
+        col_energy, dot, norm_sq = ops.hpa_reduce(w_prev, w_new, backend=backend)
+        eps_bar = column_scores_from_energy(col_energy, w_new.shape[0], hinv_safety)
+        zeta_bar = column_scores_from_energy(col_energy, w_new.shape[0], hinv_task)
+        mask, _ = select_columns(eps_bar, zeta_bar, RETAIN_RATIO)
+        return [t.cpu() for t in (col_energy, dot, norm_sq, eps_bar, zeta_bar, mask)]
 
     report = Report()
     differences = []
@@ -702,7 +709,7 @@ def bits_report(dry_run: bool) -> Report:
     if differences:
         report.checks.append(Check("bits", "FAIL", "; ".join(differences[:6])))
     else:
-        detail = f"{len(cases)} cases, {names} equal to torch (cpu) in every bit of ε̄, ζ̄, dot, norm², mask"
+        detail = f"{len(cases)} cases, {names} equal to torch (cpu) in every bit of E, dot, norm², ε̄, ζ̄, mask"
         report.checks.append(Check("bits", "ok", detail))
     return report
 

@@ -362,7 +362,7 @@ class LayerEdit:
         return run
 
     def reduce(self, backend: str) -> Callable[[], object]:
-        return lambda: ops.hpa_reduce(self.w_prev, self.w_new, self.hinv_safety, self.hinv_task, backend=backend)
+        return lambda: ops.hpa_reduce(self.w_prev, self.w_new, backend=backend)
 
     def apply(self, backend: str) -> Callable[[], object]:
         return lambda: ops.hpa_apply(self.w_prev, self.w_new, self.mask, 0.01, self.out, backend=backend)

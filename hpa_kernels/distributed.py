@@ -44,7 +44,7 @@ from torch import Tensor
 
 from . import ops
 from .config import HPAConfig
-from .functional import LayerPlan, plan_from_scores, resolve_config
+from .functional import LayerPlan, column_scores_from_energy, plan_from_scores, resolve_config
 
 try:  # DTensor is public from torch 2.5; older builds simply never hand us one.
     from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -230,14 +230,15 @@ def plan_sharded_layers(
 ) -> dict[str, LayerPlan]:
     """HPA_SPEC.md Steps 1–2 and Step 3's c_l for DTensor weights sharded by rows. Collective.
 
-    Each rank reduces its local rows with ``ops.hpa_reduce`` (unit hinv, so it returns the
-    column energy means of its rows, turned back into sums by its row count), then one float64
-    all-reduce per sharding group carries, for every layer, the c column energy sums
-    Σᵢ ΔWᵢⱼ², ⟨ΔW, W_prev⟩_F and ‖W_prev‖_F². With r the global row count::
+    Each rank reduces its local rows with ``ops.hpa_reduce`` (the float64 column energies
+    Σᵢ ΔWᵢⱼ² of its rows, ⟨ΔW, W_prev⟩_F and ‖W_prev‖_F²), then one float64 all-reduce per
+    sharding group carries, for every layer, those c + 2 sums. With r the global row count, the
+    scores are :func:`hpa_kernels.functional.column_scores_from_energy` of the summed energies::
 
         ε̄_j = (Σᵢ ΔWᵢⱼ² / r) / hinv_s[j],   ζ̄_j = (Σᵢ ΔWᵢⱼ² / r) / hinv_t[j]
 
-    as :func:`hpa_kernels.ops.hpa_reduce` computes them on the whole matrix.
+    as :func:`hpa_kernels.functional.plan_layer_update` computes them on the whole matrix (the
+    same bits when one rank holds every row).
 
     All ranks retain the same columns by construction: every rank runs the selection on its
     all-reduced sums, then the plan of the mesh's first rank (coordinate 0 on every mesh
@@ -286,9 +287,8 @@ def plan_sharded_layers(
         rows = new.shape[0]
         packed = torch.zeros(columns + 2, dtype=torch.float64, device=new.device)
         if rows > 0:
-            unit = torch.ones(columns, dtype=torch.float32, device=new.device)
-            energy_mean, _, dot, norm_sq = ops.hpa_reduce(prev, new, unit, unit, backend=backend)
-            packed[:columns] = energy_mean.double() * rows
+            col_energy, dot, norm_sq = ops.hpa_reduce(prev, new, backend=backend)
+            packed[:columns] = col_energy
             packed[columns] = dot.double()
             packed[columns + 1] = norm_sq.double()
         sums[name] = packed
@@ -310,12 +310,11 @@ def plan_sharded_layers(
     for name, (_, w_new, hinv_safety, hinv_task, retain_ratio) in layers.items():
         columns, rows = w_new.shape[1], w_new.shape[0]
         packed = sums[name]
-        energy = packed[:columns] / rows if rows > 0 else packed[:columns]
         payload = torch.zeros(_PLAN_HEADER + columns, dtype=torch.float64, device=packed.device)
         try:
             plan = plan_from_scores(
-                (energy / hinv_safety.to(packed)).float(),
-                (energy / hinv_task.to(packed)).float(),
+                column_scores_from_energy(packed[:columns], rows, hinv_safety),
+                column_scores_from_energy(packed[:columns], rows, hinv_task),
                 float(packed[columns]),
                 float(packed[columns + 1]),
                 retain_ratio,

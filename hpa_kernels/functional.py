@@ -32,6 +32,7 @@ __all__ = [
     "LayerUpdate",
     "balance_alpha",
     "column_scores",
+    "column_scores_from_energy",
     "count_columns",
     "hinv_diagonal",
     "hpa_layer_update",
@@ -143,12 +144,52 @@ def damped_cholesky(H: Tensor, damping: float, caller: str, *, flip: bool = Fals
     raise ValueError(f"{caller}: H + λI is not positive definite even with 10⁵× the damping")
 
 
+def column_scores_from_energy(col_energy: Tensor, rows: int, hinv: Tensor) -> Tensor:
+    """Column means of the OBS saliencies from the column energies (HPA_SPEC.md Step 1)::
+
+        score[j] = fl32((col_energy[j] / rows) / hinv[j])
+
+    ε̄ with ``hinv = hinv_safety``, ζ̄ with ``hinv = hinv_task``; col_energy[j] = Σᵢ ΔWᵢⱼ² stands for
+    r · mean_i ΔWᵢⱼ². Every column score of the package is this function: the offline edit (from
+    :func:`hpa_kernels.ops.hpa_reduce`), sharded weights (from the all-reduced energies of the row
+    shards, :func:`hpa_kernels.distributed.plan_sharded_layers`) and the online mask refresh (from
+    the accumulator of :func:`hpa_kernels.ops.online_step`, :func:`hpa_kernels.online.refresh_mask`).
+
+    In float64 on ``col_energy``'s device, both operands widened exactly, each division one IEEE
+    operation (a tensor divisor: a Python-number divisor is a multiplication by its reciprocal on
+    CUDA), rounded once to float32: the same bits on every device for the same inputs.
+
+    Args:
+        col_energy: (c,) column energies, float64 (``ops.hpa_reduce``, all-reduced shard sums) or
+            float32 (the online accumulator ``hpa_col_energy``).
+        rows: r, the number of rows the energies sum over (the layer's out_features); 0 leaves
+            the energies undivided (they are 0).
+        hinv: (c,) positive diagonal of the damped inverse Hessian (:func:`hinv_diagonal`).
+
+    Returns:
+        (c,) float32 scores.
+
+    Raises:
+        ValueError: ``col_energy`` not 1-D, or ``hinv`` of another shape.
+    """
+    if col_energy.dim() != 1 or hinv.shape != col_energy.shape:
+        raise ValueError(
+            f"col_energy and hinv must be (c,) vectors of one shape, got {tuple(col_energy.shape)} "
+            f"and {tuple(hinv.shape)}"
+        )
+    energy = col_energy.double()
+    if rows > 0:
+        energy = energy / energy.new_full((), rows)
+    return (energy / hinv.to(energy)).float()
+
+
 def column_scores(
     w_prev: Tensor, w_new: Tensor, hinv_safety: Tensor, hinv_task: Tensor, *, backend: str = "torch"
 ) -> tuple[Tensor, Tensor]:
     """Column means of the OBS saliencies of the update (HPA_SPEC.md Step 1).
 
-    ``ε̄_j = mean_i ΔWᵢⱼ² / hinv_safety[j]``, ``ζ̄_j = mean_i ΔWᵢⱼ² / hinv_task[j]``, ΔW = W_new − W_prev.
+    ``ε̄_j = mean_i ΔWᵢⱼ² / hinv_safety[j]``, ``ζ̄_j = mean_i ΔWᵢⱼ² / hinv_task[j]``, ΔW = W_new − W_prev:
+    :func:`column_scores_from_energy` of the column energies of :func:`hpa_kernels.ops.hpa_reduce`.
 
     Args:
         w_prev, w_new: (r, c) weights, same dtype.
@@ -157,7 +198,9 @@ def column_scores(
     Returns:
         ``(eps_bar, zeta_bar)``, each (c,) float32.
     """
-    eps_bar, zeta_bar, _, _ = ops.hpa_reduce(w_prev, w_new, hinv_safety, hinv_task, backend=backend)
+    col_energy, _, _ = ops.hpa_reduce(w_prev, w_new, backend=backend)
+    eps_bar = column_scores_from_energy(col_energy, w_new.shape[0], hinv_safety)
+    zeta_bar = column_scores_from_energy(col_energy, w_new.shape[0], hinv_task)
     return eps_bar, zeta_bar
 
 
@@ -424,12 +467,15 @@ def plan_layer_update(
 ) -> LayerPlan:
     """HPA_SPEC.md Steps 1–2 and Step 3's c_l for one layer, without writing any weight.
 
-    One reduce pass over the two matrices (ε̄, ζ̄, ⟨ΔW, W_prev⟩, ‖W_prev‖²), then the selection on
-    c-length vectors. Arguments and errors as :func:`hpa_layer_update`.
+    One reduce pass over the two matrices (column energies, ⟨ΔW, W_prev⟩, ‖W_prev‖²), the scores ε̄,
+    ζ̄ from the energies (:func:`column_scores_from_energy`), then the selection on c-length vectors.
+    Arguments and errors as :func:`hpa_layer_update`.
     """
     config = resolve_config(config, deprecated, "plan_layer_update")
     _check_layer_inputs(w_prev, w_new, hinv_safety, hinv_task)
-    eps_bar, zeta_bar, dot, norm_sq = ops.hpa_reduce(w_prev, w_new, hinv_safety, hinv_task, backend=backend)
+    col_energy, dot, norm_sq = ops.hpa_reduce(w_prev, w_new, backend=backend)
+    eps_bar = column_scores_from_energy(col_energy, w_new.shape[0], hinv_safety)
+    zeta_bar = column_scores_from_energy(col_energy, w_new.shape[0], hinv_task)
     # A NaN / Inf anywhere in w_prev or w_new reaches ΔW², hence ε̄ and ζ̄ (and the two sums).
     if not bool(torch.isfinite(torch.cat([eps_bar, zeta_bar, dot.reshape(1), norm_sq.reshape(1)])).all()):
         raise ValueError("w_prev or w_new holds NaN or Inf (or values whose squares overflow float32)")
@@ -452,7 +498,7 @@ def plan_from_scores(
     weights: :mod:`hpa_kernels.distributed`; checkpoints: :mod:`hpa_kernels.checkpoint`).
 
     Args:
-        eps_bar, zeta_bar: (c,) float32 column scores ε̄, ζ̄ (as ``ops.hpa_reduce`` returns them).
+        eps_bar, zeta_bar: (c,) float32 column scores ε̄, ζ̄ (:func:`column_scores_from_energy`).
         dot, norm_sq: ⟨ΔW, W_prev⟩_F and ‖W_prev‖_F².
         retain_ratio, config: as :func:`hpa_layer_update`.
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .functional import count_columns, top_columns
+from .functional import column_scores_from_energy, count_columns, top_columns
 from .optim_state import adamw_hyperparameters
 
 
@@ -71,11 +71,12 @@ def refresh_mask(
 
     [decision] Mid-task only the safety statistics exist (the task Hessian is collected after the
     task), so the refresh retains the top ``floor(p_l·c + 0.5)`` columns by
-    ε̄_j = E_j / (r·hinv_s[j]) (HPA_SPEC.md Step 1 with E_j, the energy of the attempted
+    ε̄_j = (E_j / r) / hinv_s[j] (HPA_SPEC.md Step 1 with E_j, the energy of the attempted
     (unconstrained) updates of column j since the last refresh, for the update's squared column
-    norm); E is then reset. Newly retained columns return to W_prev at once and ΔW is
-    re-projected over the free columns (coefficient in fp64), so the module's invariants hold
-    from here on, not only after the next step.
+    norm: :func:`hpa_kernels.functional.column_scores_from_energy` of the fp32 accumulator, the
+    offline scores' arithmetic); E is then reset. Newly retained columns return to W_prev at once
+    and ΔW is re-projected over the free columns (coefficient in fp64), so the module's invariants
+    hold from here on, not only after the next step.
 
     Args:
         state: the weight's optimizer state (``hpa_mask`` bool (c,), ``hpa_col_energy`` fp32 (c,),
@@ -87,7 +88,7 @@ def refresh_mask(
         backend: kernels backend name.
     """
     rows, columns = working.shape
-    eps_bar = state["hpa_col_energy"] / (max(rows, 1) * state["hpa_hinv_safety"])
+    eps_bar = column_scores_from_energy(state["hpa_col_energy"], rows, state["hpa_hinv_safety"])
     mask = torch.zeros(columns, dtype=torch.bool, device=eps_bar.device)
     mask[top_columns(eps_bar, count_columns(retain_ratio, columns))] = True
     state["hpa_mask"].copy_(mask)

@@ -35,14 +35,12 @@ void adamw(int dtype, const std::vector<uintptr_t>& params, const std::vector<ui
 }
 
 py::tuple hpa_reduce(int dtype, int64_t r, int64_t c, uintptr_t prev, int64_t ps0, int64_t ps1, uintptr_t next,
-                     int64_t ns0, int64_t ns1, uintptr_t hinv_safety, uintptr_t hinv_task, uintptr_t eps_bar,
-                     uintptr_t zeta_bar) {
+                     int64_t ns0, int64_t ns1, uintptr_t col_energy) {
   double dot = 0.0, norm_sq = 0.0;
   {
     py::gil_scoped_release release;
-    hpa::cpu::hpa_reduce(dtype, r, c, Mat{prev, ps0, ps1}, Mat{next, ns0, ns1},
-                         reinterpret_cast<const float*>(hinv_safety), reinterpret_cast<const float*>(hinv_task),
-                         reinterpret_cast<float*>(eps_bar), reinterpret_cast<float*>(zeta_bar), &dot, &norm_sq);
+    hpa::cpu::hpa_reduce(dtype, r, c, Mat{prev, ps0, ps1}, Mat{next, ns0, ns1}, reinterpret_cast<double*>(col_energy),
+                         &dot, &norm_sq);
   }
   return py::make_tuple(dot, norm_sq);
 }
@@ -77,7 +75,7 @@ py::tuple split_range(int64_t n, int64_t parts, int64_t k) {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "hpa-kernels CPU kernels (csrc/cpu), called by hpa_kernels.ops.cpu with raw pointers";
   m.def("adamw", &adamw, "Multi-tensor AdamW over dense tensors of one storage dtype");
-  m.def("hpa_reduce", &hpa_reduce, "HPA column scores and Frobenius sums; returns (dot, norm_sq)");
+  m.def("hpa_reduce", &hpa_reduce, "HPA column energies (into col_energy) and Frobenius sums; returns (dot, norm_sq)");
   m.def("hpa_apply", &hpa_apply, "HPA masked, projected write");
   m.def("online_step", &online_step, "Online HPA step; returns the projection coefficient");
   m.def("offset2d", &hpa::offset2d, "64-bit element offset i*stride0 + j*stride1 (index helper, for tests)");

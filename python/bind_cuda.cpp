@@ -36,10 +36,10 @@ void adamw(int dtype, const std::vector<uintptr_t>& params, const std::vector<ui
 }
 
 void hpa_reduce(int dtype, int64_t r, int64_t c, uintptr_t prev, int64_t ps0, int64_t ps1, uintptr_t next,
-                int64_t ns0, int64_t ns1, uintptr_t hinv_safety, uintptr_t hinv_task, uintptr_t eps_bar,
-                uintptr_t zeta_bar, uintptr_t dot, uintptr_t norm_sq, uintptr_t workspace, uintptr_t stream) {
-  check(hpa::cuda::hpa_reduce(dtype, r, c, Mat{prev, ps0, ps1}, Mat{next, ns0, ns1}, hinv_safety, hinv_task, eps_bar,
-                              zeta_bar, dot, norm_sq, workspace, stream));
+                int64_t ns0, int64_t ns1, uintptr_t col_energy, uintptr_t dot, uintptr_t norm_sq, uintptr_t workspace,
+                uintptr_t stream) {
+  check(hpa::cuda::hpa_reduce(dtype, r, c, Mat{prev, ps0, ps1}, Mat{next, ns0, ns1}, col_energy, dot, norm_sq,
+                              workspace, stream));
 }
 
 void hpa_apply(int dtype, int64_t r, int64_t c, uintptr_t prev, int64_t ps0, int64_t ps1, uintptr_t next, int64_t ns0,
@@ -66,7 +66,7 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.def("adamw", &adamw, "Multi-tensor AdamW over dense device tensors of one storage dtype");
   m.def("reduce_workspace_bytes", &hpa::cuda::reduce_workspace_bytes, "Workspace bytes of hpa_reduce");
   m.def("online_workspace_bytes", &hpa::cuda::online_workspace_bytes, "Workspace bytes of online_step");
-  m.def("hpa_reduce", &hpa_reduce, "HPA column scores and Frobenius sums into device tensors");
+  m.def("hpa_reduce", &hpa_reduce, "HPA column energies and Frobenius sums into device tensors");
   m.def("hpa_apply", &hpa_apply, "HPA masked, projected write");
   m.def("online_step", &online_step, "Online HPA step; the coefficient goes to a device scalar");
 }

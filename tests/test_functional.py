@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from hpa_kernels import functional as F
+from hpa_kernels import ops
 from hpa_kernels.config import HPAConfig
 
 
@@ -60,6 +61,61 @@ def test_column_scores_hand_case():
     # column energies mean_i ΔW² = [5, 2, 0]
     assert eps_bar.tolist() == [5.0, 1.0, 0.0]
     assert zeta_bar.tolist() == [10.0, 2.0, 0.0]
+
+
+def _scores_fp64_reference(energies: list[float], rows: int, hinv: torch.Tensor) -> torch.Tensor:
+    """fl32((E_j / r) / hinv[j]) with Python floats (IEEE float64, one operation each), one rounding."""
+    quotients = [(e / rows if rows > 0 else e) / float(h) for e, h in zip(energies, hinv.tolist())]
+    return torch.tensor(quotients, dtype=torch.float64).float()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64-sums", "fp32-accumulator"])
+def test_column_scores_from_energy_rounds_the_float64_quotients_once(dtype):
+    """The bits of fl32((E / r) / h) computed in float64, float64 sums and the fp32 online
+    accumulator alike (fp32 arithmetic differs in the last bit of some columns); a float64
+    quotient past float32's range is Inf, below it 0."""
+    gen = torch.Generator().manual_seed(12)
+    rows = 3 * 7 * 11  # not a power of two: E / r rounds
+    energy = (torch.rand(4000, generator=gen, dtype=torch.float64) * 50).to(dtype)
+    hinv = torch.rand(4000, generator=gen) * 3 + 1e-3
+    tiny, huge = (1e-300, 1e300) if dtype == torch.float64 else (1e-44, 3e38)
+    energy[:3] = torch.tensor([0.0, tiny, huge], dtype=torch.float64)
+    hinv[:3] = torch.tensor([1.0, 1.0, 1e-3])
+    got = F.column_scores_from_energy(energy, rows, hinv)
+    want = _scores_fp64_reference(energy.tolist(), rows, hinv)
+    assert got.dtype == torch.float32 and torch.equal(got.view(torch.int32), want.view(torch.int32))
+    assert got[:2].tolist() == [0.0, 0.0] and torch.isinf(got[2])  # float32's range: 0 below, Inf above
+    fp32_math = energy.float() / (rows * hinv)  # fp32 arithmetic rounds differently in some columns
+    assert not torch.equal(fp32_math, want)
+    assert torch.equal(F.column_scores_from_energy(torch.zeros(3, dtype=dtype), 0, torch.ones(3)), torch.zeros(3))
+    with pytest.raises(ValueError, match="one shape"):
+        F.column_scores_from_energy(energy, rows, hinv[:5])
+
+
+@pytest.mark.parametrize("backend", ops.available_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_layer_scores_are_the_float64_reference_bits(backend, dtype):
+    """ε̄, ζ̄ of the offline edit on every backend (``ops.hpa_reduce``'s energies, then
+    ``column_scores_from_energy``), and the plan from them, are those of the spec written in
+    Python floats: weights on a grid of 1/16 (every ΔW² and sum exact in float64, in any order),
+    r = 150 (two 128-row blocks, not a power of two), random float32 hinv."""
+    gen = torch.Generator().manual_seed(7)
+    rows, columns = 150, 37
+    w_prev = (torch.randint(-64, 64, (rows, columns), generator=gen) / 16).to(dtype)
+    w_new = (w_prev.double() + torch.randint(-8, 9, (rows, columns), generator=gen) / 16).to(dtype)
+    hinv_s, hinv_t = torch.rand(columns, generator=gen) + 0.01, torch.rand(columns, generator=gen) * 5 + 0.01
+    delta = (w_new.double() - w_prev.double()).tolist()
+    energies = [sum(delta[i][j] ** 2 for i in range(rows)) for j in range(columns)]
+    eps_bar, zeta_bar = F.column_scores(w_prev, w_new, hinv_s, hinv_t, backend=backend)
+    assert torch.equal(eps_bar, _scores_fp64_reference(energies, rows, hinv_s))
+    assert torch.equal(zeta_bar, _scores_fp64_reference(energies, rows, hinv_t))
+    prev = w_prev.double().tolist()
+    dot = sum(delta[i][j] * prev[i][j] for i in range(rows) for j in range(columns))
+    norm_sq = sum(prev[i][j] ** 2 for i in range(rows) for j in range(columns))
+    sums = torch.tensor([dot, norm_sq], dtype=torch.float64).float()  # the op's float32 sums
+    want = F.plan_from_scores(eps_bar, zeta_bar, sums[0], sums[1], 0.15)
+    plan = F.plan_layer_update(w_prev, w_new, hinv_s, hinv_t, 0.15, backend=backend)
+    assert torch.equal(plan.mask, want.mask) and (plan.alpha, plan.coef) == (want.alpha, want.coef)
 
 
 @pytest.mark.parametrize(

@@ -35,10 +35,9 @@ def test_adamw_bytes_per_element():
 
 def test_hpa_bytes():
     r, c = 5, 3
-    # reduce: W_prev + W_new read; hinv_safety, hinv_task read and eps_bar, zeta_bar written (fp32, c);
-    # dot and norm_sq written (fp32 0-d)
-    assert gpu_check.reduce_bytes(r, c, 4) == 2 * r * c * 4 + 4 * c * 4 + 2 * 4
-    assert gpu_check.reduce_bytes(r, c, 2) == 2 * r * c * 2 + 4 * c * 4 + 2 * 4
+    # reduce: W_prev + W_new read; col_energy written (fp64, c); dot and norm_sq written (fp32 0-d)
+    assert gpu_check.reduce_bytes(r, c, 4) == 2 * r * c * 4 + c * 8 + 2 * 4
+    assert gpu_check.reduce_bytes(r, c, 2) == 2 * r * c * 2 + c * 8 + 2 * 4
     # apply: W_prev, W_new read, out written; the bool mask read
     assert gpu_check.apply_bytes(r, c, 2) == 3 * r * c * 2 + c
     # online pass 1: W r/w, g, W_prev (storage dtype), fp32 m and v r/w; mask, col_energy r/w per column;
@@ -170,33 +169,46 @@ def test_count_events():
 
 def _outputs(c=6):
     gen = torch.Generator().manual_seed(0)
+    energy = torch.rand(c, generator=gen, dtype=torch.float64)
     eps_bar, zeta_bar = torch.rand(c, generator=gen), torch.rand(c, generator=gen)
-    return [eps_bar, zeta_bar, torch.tensor(0.5), torch.tensor(2.0), eps_bar > 0.5]
+    return [energy, torch.tensor(0.5), torch.tensor(2.0), eps_bar, zeta_bar, eps_bar > 0.5]
 
 
 def test_compare_bits_equal_and_nan():
     want = _outputs()
-    want[2] = torch.tensor(float("nan"))
+    want[1] = torch.tensor(float("nan"))
+    want[0][2] = float("nan")
     got = [t.clone() for t in want]
     assert gpu_check.compare_bits(want, {"cuda": got, "triton": [t.clone() for t in want]}) == []
 
 
 def test_compare_bits_finds_one_bit():
     want = _outputs()
-    want[3] = torch.tensor(0.0)
+    want[2] = torch.tensor(0.0)
     one_ulp = [t.clone() for t in want]
-    one_ulp[0].view(torch.int32)[3] ^= 1
+    one_ulp[3].view(torch.int32)[3] ^= 1
+    one_ulp_energy = [t.clone() for t in want]
+    one_ulp_energy[0].view(torch.int64)[5] ^= 1  # a float64 ulp: lost if compared in float32
     signed_zero = [t.clone() for t in want]
-    signed_zero[3] = torch.tensor(-0.0)  # == 0.0 as floats, not as bits
+    signed_zero[2] = torch.tensor(-0.0)  # == 0.0 as floats, not as bits
     mask = [t.clone() for t in want]
-    mask[4][0] = ~mask[4][0]
+    mask[5][0] = ~mask[5][0]
     wrong_dtype = [t.clone() for t in want]
-    wrong_dtype[1] = wrong_dtype[1].double()
+    wrong_dtype[4] = wrong_dtype[4].double()
     found = gpu_check.compare_bits(
-        want, {"cuda": one_ulp, "triton": signed_zero, "cpu": mask, "torch": wrong_dtype, "same": want}
+        want,
+        {
+            "cuda": one_ulp,
+            "cuda-e": one_ulp_energy,
+            "triton": signed_zero,
+            "cpu": mask,
+            "torch": wrong_dtype,
+            "same": want,
+        },
     )
     assert found == [
         "cuda eps_bar: 1 of 6 differ",
+        "cuda-e col_energy: 1 of 6 differ",
         "triton norm_sq: 1 of 1 differ",
         "cpu mask: 1 of 6 differ",
         "torch zeta_bar: torch.float64 (6,) != torch.float32 (6,)",

@@ -30,6 +30,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from hpa_kernels import functional as F  # noqa: E402
 from hpa_kernels import ops  # noqa: E402
 from hpa_kernels.ops import torch_ref as reference  # noqa: E402  (the "torch" kernels, called directly)
 
@@ -122,17 +123,11 @@ def _adamw_call(x, backend, dtype):
 def _reduce_inputs(shape, dtype, gen):
     w_prev = _rand(gen, shape, dtype)
     w_new = (w_prev + _rand(gen, shape, torch.float64, 0.1)).to(dtype).to(torch.float64)
-    c = shape[1]
-    return {
-        "w_prev": w_prev,
-        "w_new": w_new,
-        "hinv_safety": _rand(gen, (c,), torch.float32, positive=True) + 0.5,
-        "hinv_task": _rand(gen, (c,), torch.float32, positive=True) + 0.5,
-    }
+    return {"w_prev": w_prev, "w_new": w_new}
 
 
 def _reduce_call(x, backend, dtype):
-    return list(ops.hpa_reduce(x["w_prev"], x["w_new"], x["hinv_safety"], x["hinv_task"], backend=backend))
+    return list(ops.hpa_reduce(x["w_prev"], x["w_new"], backend=backend))
 
 
 def _apply_inputs(shape, dtype, gen):
@@ -211,10 +206,10 @@ def _floor(op: str, index: int, truth: torch.Tensor, master: dict, dtype: torch.
     """The absolute floor of the tolerance of output ``index`` of ``op`` (see the module docstring)."""
     scale = truth.abs().max().item() if truth.numel() else 0.0
     eps32 = torch.finfo(torch.float32).eps
-    if op == "hpa_reduce":
+    if op == "hpa_reduce":  # (col_energy, dot, norm_sq)
         w = master["w_prev"]
-        n = max(1, w.shape[0]) if index < 2 else max(1, w.numel())
-        if index == 2:  # ⟨ΔW, W_prev⟩: signed, scale by Σ|terms|
+        n = max(1, w.shape[0]) if index == 0 else max(1, w.numel())
+        if index == 1:  # ⟨ΔW, W_prev⟩: signed, scale by Σ|terms|
             scale = ((master["w_new"] - w).abs() * w.abs()).sum().item()
         return 8 * math.sqrt(n) * eps32 * scale
     if op == "online_step" and index == 4:  # col_energy: fp32 sums over r rows
@@ -394,8 +389,7 @@ def test_runs_are_bitwise_deterministic(backend, device):
         gen = torch.Generator().manual_seed(11)
         w_prev = torch.randn(shape, generator=gen).to(device)
         w_new = w_prev + 0.1 * torch.randn(shape, generator=gen).to(device)
-        h = torch.rand(shape[1], generator=gen).to(device) + 0.5
-        red = ops.hpa_reduce(w_prev, w_new, h, h, backend=backend)
+        red = ops.hpa_reduce(w_prev, w_new, backend=backend)
         online = list(_online_run(backend, device, torch.float32, shape, steps=2))[-1][0]
         runs.append([*red, online["param"], online["col_energy"]])
     for a, b in zip(*runs):
@@ -559,8 +553,8 @@ def _bad_calls(device):
     f16 = w.half()
     online = (w.clone(), w.clone(), w.clone(), w.clone(), step, w.clone(), mask, energy)
     return {
-        "reduce-shapes": lambda b: ops.hpa_reduce(w, torch.zeros(4, 3, device=device), h, h, backend=b),
-        "reduce-hinv": lambda b: ops.hpa_reduce(w, w, h, h[:3], backend=b),
+        "reduce-shapes": lambda b: ops.hpa_reduce(w, torch.zeros(4, 3, device=device), backend=b),
+        "reduce-1d": lambda b: ops.hpa_reduce(h, h, backend=b),
         "apply-mask-dtype": lambda b: ops.hpa_apply(w, w, torch.zeros(4, device=device), 0.0, backend=b),
         "apply-mask-shape": lambda b: ops.hpa_apply(w, w, mask[:3], 0.0, backend=b),
         "apply-out": lambda b: ops.hpa_apply(w, w, mask, 0.0, out=f16, backend=b),
@@ -580,7 +574,7 @@ def _bad_calls(device):
 def test_bad_arguments_are_refused(backend, device):
     """Every backend refuses a broken contract with the "torch" backend's error and message (one
     schema, hpa_kernels.ops.schema, checked before dispatch); only "torch" takes float64."""
-    w, h = torch.zeros(3, 4, device=device), torch.ones(4, device=device)
+    w = torch.zeros(3, 4, device=device)
     for name, call in _bad_calls(device).items():
         with pytest.raises((ValueError, TypeError)) as want:
             call("torch")
@@ -588,10 +582,10 @@ def test_bad_arguments_are_refused(backend, device):
             call(backend)
         assert str(got.value) == str(want.value), name
     if backend == "torch":
-        ops.hpa_reduce(w.double(), w.double(), h, h, backend=backend)  # the tests' float64 ground truth
+        ops.hpa_reduce(w.double(), w.double(), backend=backend)  # the tests' float64 ground truth
     else:
         with pytest.raises(TypeError, match=r"hpa_reduce: dtype torch.float64 is not supported \(float32, bfloat16"):
-            ops.hpa_reduce(w.double(), w.double(), h, h, backend=backend)
+            ops.hpa_reduce(w.double(), w.double(), backend=backend)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -610,23 +604,24 @@ def _reduce_pair(shape, dtype, seed=0):
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "strided"])
 def test_reduce_gives_the_reference_bits(backend, device, small, dtype, layout):
-    """Every backend's ε̄, ζ̄, ⟨ΔW, W_prev⟩, ‖W_prev‖² are the bits of the "torch"
-    reference (row blocks of 128 summed by a pairwise tree, blocks in index order, column tree,
-    float64, rounded once): independent of threads, tiles and SM count, which no backend's own
-    split enters. Shapes cross the 128-row block and 128-column group edges, and the 128² column
-    groups of the final tree."""
+    """Every backend's column energies, ⟨ΔW, W_prev⟩, ‖W_prev‖², and the ε̄, ζ̄ computed from
+    those energies on the backend's device, are the bits of the "torch" reference (row blocks of
+    128 summed by a pairwise tree, blocks in index order, column tree, float64, the sums and the
+    scores rounded once): independent of threads, tiles and SM count, which no backend's own split
+    enters. Shapes cross the 128-row block and 128-column group edges, and the 128² column groups
+    of the final tree."""
     shapes = [(1, 1), (17, 33), (129, 65), (3, 300)] if small else [(1, 1), (17, 33), (257, 1023), (4097, 3)]
     if not small or (layout, dtype) == ("contiguous", torch.float32):
         shapes.append((2, 16500))  # > 128² columns: two levels of column trees
     make = {"contiguous": lambda x: x, "transposed": _transposed, "strided": _strided}[layout]
     for shape in shapes:
         w_prev, w_new, hinv_s, hinv_t = _reduce_pair(shape, dtype)
-        want = reference.hpa_reduce(w_prev, w_new, hinv_s, hinv_t)
-        got = ops.hpa_reduce(
-            make(w_prev.to(device)), make(w_new.to(device)), hinv_s.to(device), hinv_t.to(device), backend=backend
-        )
-        for name, a, b in zip(("eps_bar", "zeta_bar", "dot", "norm_sq"), want, got):
-            assert torch.equal(a, b.cpu()), (shape, name)
+        want = list(reference.hpa_reduce(w_prev, w_new))
+        got = list(ops.hpa_reduce(make(w_prev.to(device)), make(w_new.to(device)), backend=backend))
+        for out in (want, got):  # ε̄, ζ̄ from the energies, on the energies' device
+            out += [F.column_scores_from_energy(out[0], shape[0], h.to(out[0].device)) for h in (hinv_s, hinv_t)]
+        for name, a, b in zip(("col_energy", "dot", "norm_sq", "eps_bar", "zeta_bar"), want, got):
+            assert a.dtype == b.dtype and torch.equal(a, b.cpu()), (shape, name)
 
 
 @pytest.mark.parametrize("backend,device", ALL_BACKENDS)
@@ -643,7 +638,7 @@ def test_permuted_duplicate_columns_tie_exactly_and_the_lower_index_wins(backend
     perm = torch.randperm(rows, generator=gen)
     w_prev, w_new = torch.cat([w_prev, w_prev[perm]], dim=1), torch.cat([w_new, w_new[perm]], dim=1)
     hinv = (torch.rand(pairs, generator=gen) + 0.5).repeat(2)
-    eps_bar, zeta_bar, _, _ = ops.hpa_reduce(
+    eps_bar, zeta_bar = F.column_scores(
         w_prev.to(device), w_new.to(device), hinv.to(device), hinv.to(device), backend=backend
     )
     eps_bar, zeta_bar = eps_bar.cpu(), zeta_bar.cpu()
@@ -651,7 +646,7 @@ def test_permuted_duplicate_columns_tie_exactly_and_the_lower_index_wins(backend
     rank = torch.empty(2 * pairs, dtype=torch.long)
     rank[top_columns(eps_bar, 2 * pairs)] = torch.arange(2 * pairs)
     assert bool((rank[:pairs] + 1 == rank[pairs:]).all())  # each pair adjacent, the lower index first
-    assert torch.equal(eps_bar, reference.hpa_reduce(w_prev, w_new, hinv, hinv)[0])
+    assert torch.equal(eps_bar, F.column_scores_from_energy(reference.hpa_reduce(w_prev, w_new)[0], rows, hinv))
 
 
 _THREADS_SCRIPT = """
@@ -660,8 +655,7 @@ from hpa_kernels import ops
 gen = torch.Generator().manual_seed(21)
 w_prev = torch.randn(1000, 700, generator=gen)
 w_new = w_prev + 0.1 * torch.randn(1000, 700, generator=gen)
-h = torch.rand(700, generator=gen) + 0.5
-torch.save(ops.hpa_reduce(w_prev, w_new, h, h.flip(0), backend="cpu"), sys.argv[1])
+torch.save(ops.hpa_reduce(w_prev, w_new, backend="cpu"), sys.argv[1])
 """
 
 
@@ -680,8 +674,7 @@ def test_cpu_reduce_bits_do_not_depend_on_the_thread_count(tmp_path):
     gen = torch.Generator().manual_seed(21)
     w_prev = torch.randn(1000, 700, generator=gen)
     w_new = w_prev + 0.1 * torch.randn(1000, 700, generator=gen)
-    h = torch.rand(700, generator=gen) + 0.5
-    want = reference.hpa_reduce(w_prev, w_new, h, h.flip(0))
+    want = reference.hpa_reduce(w_prev, w_new)
     for got in results:
         assert all(torch.equal(a, b) for a, b in zip(want, got))
 
@@ -695,10 +688,8 @@ def test_tall_layer_reduce_is_within_one_ulp_of_the_exact_sum(backend, device):
     rows = 200_000
     w_prev = torch.randn(rows, 3, generator=gen) + 3.0
     w_new = w_prev + 0.01 * torch.randn(rows, 3, generator=gen)
-    ones = torch.ones(3)
-    eps_bar, _, dot, norm_sq = ops.hpa_reduce(
-        w_prev.to(device), w_new.to(device), ones.to(device), ones.to(device), backend=backend
-    )
+    col_energy, dot, norm_sq = ops.hpa_reduce(w_prev.to(device), w_new.to(device), backend=backend)
+    eps_bar = F.column_scores_from_energy(col_energy, rows, torch.ones(3, device=device))
     delta, prev = (w_new.double() - w_prev.double()).numpy(), w_prev.double().numpy()
     exact = [math.fsum((delta[:, j] ** 2).tolist()) / rows for j in range(3)]
     exact_dot = math.fsum((delta * prev).ravel().tolist())
@@ -783,9 +774,9 @@ def test_triton_launches_on_the_tensors_device():
     while cuda:0 is current are stepped, reduced and written on cuda:1, as on cuda:0."""
     results = []
     for device in ("cuda:0", "cuda:1"):
-        w_prev, w_new, hinv_s, hinv_t = (t.to(device) for t in _reduce_pair((65, 33), torch.float32))
+        w_prev, w_new, _, _ = (t.to(device) for t in _reduce_pair((65, 33), torch.float32))
         with torch.cuda.device(0):
-            reduced = ops.hpa_reduce(w_prev, w_new, hinv_s, hinv_t, backend="triton")
+            reduced = ops.hpa_reduce(w_prev, w_new, backend="triton")
             written = ops.hpa_apply(w_prev, w_new, torch.zeros(33, dtype=torch.bool, device=device), 0.5,
                                     backend="triton")  # fmt: skip
             state = [w_new.clone(), torch.ones_like(w_new), torch.zeros_like(w_new), torch.zeros_like(w_new)]
@@ -819,8 +810,8 @@ def test_triton_bits_do_not_depend_on_the_sm_count(monkeypatch, device):
             return SimpleNamespace(multi_processor_count=sms, **({"name": props.name} if props else {}))
 
         monkeypatch.setattr(torch.cuda, "get_device_properties", fake)
-        w_prev, w_new, hinv_s, hinv_t = (t.to(device) for t in _reduce_pair((300, 70), torch.float32))
-        reduced = ops.hpa_reduce(w_prev, w_new, hinv_s, hinv_t, backend="triton")
+        w_prev, w_new, _, _ = (t.to(device) for t in _reduce_pair((300, 70), torch.float32))
+        reduced = ops.hpa_reduce(w_prev, w_new, backend="triton")
         online = list(_online_run("triton", device, torch.float32, (600, 70), steps=2))[-1][0]
         runs.append([*reduced, online["param"], online["col_energy"]])
     for a, b in zip(*runs):

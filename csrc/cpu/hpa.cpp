@@ -267,25 +267,23 @@ void project_row_base(typename Storage<D>::Raw* pr, const typename Storage<D>::R
   project_row<D>(pr, wr, mask, c, cf);
 }
 
+// HPA_SPEC.md Steps 1 and 3 sums in the order of hpa/common.h: col_energy[j] = E_j (not rounded),
+// dot and norm the column trees of D_j and N_j.
 template <int D>
-void reduce_typed(int64_t r, int64_t c, Mat prev, Mat next, const float* hs, const float* ht, float* eps_bar,
-                  float* zeta_bar, double* dot_out, double* norm_out) {
+void reduce_typed(int64_t r, int64_t c, Mat prev, Mat next, double* col_energy, double* dot_out, double* norm_out) {
   const bool unit = prev.stride1 == 1 && next.stride1 == 1;
   const bool avx2 = use_avx2();
   const ReduceColumnsFn task_fn = unit ? (avx2 ? &reduce_columns_avx2<D, true> : &reduce_columns_base<D, true>)
                                        : (avx2 ? &reduce_columns_avx2<D, false> : &reduce_columns_base<D, false>);
-  std::vector<double> E(static_cast<size_t>(c)), P(static_cast<size_t>(c)), Q(static_cast<size_t>(c));
+  std::vector<double> P(static_cast<size_t>(c)), Q(static_cast<size_t>(c));
   const int64_t tasks = (c + kReduceSpan - 1) / kReduceSpan;
 #pragma omp parallel for schedule(dynamic, 1) if (tasks > 1 && r * c > kSmallWork)
   for (int64_t task = 0; task < tasks; ++task) {
     const int64_t j0 = task * kReduceSpan;
-    task_fn(r, j0, std::min(kReduceSpan, c - j0), prev, next, E.data(), P.data(), Q.data());
+    task_fn(r, j0, std::min(kReduceSpan, c - j0), prev, next, col_energy, P.data(), Q.data());
   }
   PairwiseSum dot, norm;
   for (int64_t j = 0; j < c; ++j) {
-    const double e = r > 0 ? E[static_cast<size_t>(j)] / static_cast<double>(r) : 0.0;
-    eps_bar[j] = static_cast<float>(e / static_cast<double>(hs[j]));
-    zeta_bar[j] = static_cast<float>(e / static_cast<double>(ht[j]));
     dot.push(P[static_cast<size_t>(j)]);
     norm.push(Q[static_cast<size_t>(j)]);
   }
@@ -488,15 +486,15 @@ void online_step_multi(int dtype, int64_t n, const OnlineLayer* layers, const Ad
 
 }  // namespace
 
-void hpa_reduce(int dtype, int64_t r, int64_t c, Mat prev, Mat next, const float* hinv_safety,
-                const float* hinv_task, float* eps_bar, float* zeta_bar, double* dot, double* norm_sq) {
+void hpa_reduce(int dtype, int64_t r, int64_t c, Mat prev, Mat next, double* col_energy, double* dot,
+                double* norm_sq) {
   switch (dtype) {
     case kF32:
-      return reduce_typed<kF32>(r, c, prev, next, hinv_safety, hinv_task, eps_bar, zeta_bar, dot, norm_sq);
+      return reduce_typed<kF32>(r, c, prev, next, col_energy, dot, norm_sq);
     case kBF16:
-      return reduce_typed<kBF16>(r, c, prev, next, hinv_safety, hinv_task, eps_bar, zeta_bar, dot, norm_sq);
+      return reduce_typed<kBF16>(r, c, prev, next, col_energy, dot, norm_sq);
     case kF16:
-      return reduce_typed<kF16>(r, c, prev, next, hinv_safety, hinv_task, eps_bar, zeta_bar, dot, norm_sq);
+      return reduce_typed<kF16>(r, c, prev, next, col_energy, dot, norm_sq);
     default:
       throw std::invalid_argument("hpa_reduce: unknown storage dtype code");
   }

@@ -1,7 +1,8 @@
 // HPA kernels on CUDA: consolidation reduce and write (HPA_SPEC.md Steps 1 and 3) and the online
 // step. The reduce follows the fixed float64 summation order of hpa/common.h (kRowBlock) in four
-// kinds of launch (row-block trees, per-column block sums, column trees until one value is left,
-// the final rounding), so its bits equal the CPU's and the "torch" reference's on any GPU. The
+// kinds of launch (row-block trees, per-column block sums = the column energies, column trees until
+// one value is left, the final rounding of the two Frobenius sums), so its bits equal the CPU's and
+// the "torch" reference's on any GPU. The
 // online step's column reductions use 32 x 8 thread blocks over (column tile, row chunk): each block
 // writes fp32 partials to a workspace that a second launch sums in double in a fixed order
 // (bitwise reproducible on one GPU, no atomics). Products and sums use the _rn intrinsics and the
@@ -127,10 +128,10 @@ __device__ void group_tree(double* sh) {
   }
 }
 
-// Stage 2: thread = column: block sums in index order -> eps_bar, zeta_bar; the tree over the
-// block's kGroup columns of the d·w and w² totals -> sums[0 / 1][group].
-__global__ void reduce_columns_kernel(int64_t r, int64_t c, int64_t blocks, const double* part, const float* hinv_s,
-                                      const float* hinv_t, float* eps_bar, float* zeta_bar, double* sums) {
+// Stage 2: thread = column: block sums in index order -> col_energy; the tree over the block's
+// kGroup columns of the d·w and w² totals -> sums[0 / 1][group].
+__global__ void reduce_columns_kernel(int64_t c, int64_t blocks, const double* part, double* col_energy,
+                                      double* sums) {
   __shared__ double sp[kGroup];
   __shared__ double sq[kGroup];
   const int64_t j = static_cast<int64_t>(blockIdx.x) * kGroup + threadIdx.x;
@@ -142,9 +143,7 @@ __global__ void reduce_columns_kernel(int64_t r, int64_t c, int64_t blocks, cons
       p = __dadd_rn(p, part[plane + b * c + j]);
       q = __dadd_rn(q, part[2 * plane + b * c + j]);
     }
-    const double mean = __ddiv_rn(e, static_cast<double>(r));
-    eps_bar[j] = __double2float_rn(__ddiv_rn(mean, static_cast<double>(hinv_s[j])));
-    zeta_bar[j] = __double2float_rn(__ddiv_rn(mean, static_cast<double>(hinv_t[j])));
+    col_energy[j] = e;
   }
   sp[threadIdx.x] = p;
   sq[threadIdx.x] = q;
@@ -362,9 +361,8 @@ int64_t online_workspace_bytes(int64_t r, int64_t c) {
   return static_cast<int64_t>(sizeof(float)) * (g.chunks * c + 2 * g.tiles * g.chunks);
 }
 
-const char* hpa_reduce(int dtype, int64_t r, int64_t c, Mat prev, Mat next, uintptr_t hinv_safety,
-                       uintptr_t hinv_task, uintptr_t eps_bar, uintptr_t zeta_bar, uintptr_t dot, uintptr_t norm_sq,
-                       uintptr_t workspace, uintptr_t stream) {
+const char* hpa_reduce(int dtype, int64_t r, int64_t c, Mat prev, Mat next, uintptr_t col_energy, uintptr_t dot,
+                       uintptr_t norm_sq, uintptr_t workspace, uintptr_t stream) {
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   const int64_t blocks = row_blocks(r);
   double* part = reinterpret_cast<double*>(workspace);
@@ -384,9 +382,8 @@ const char* hpa_reduce(int dtype, int64_t r, int64_t c, Mat prev, Mat next, uint
     default:
       return "hpa_reduce: unknown storage dtype code";
   }
-  reduce_columns_kernel<<<static_cast<unsigned>(groups), kGroup, 0, s>>>(
-      r, c, blocks, part, reinterpret_cast<const float*>(hinv_safety), reinterpret_cast<const float*>(hinv_task),
-      reinterpret_cast<float*>(eps_bar), reinterpret_cast<float*>(zeta_bar), sums[0]);
+  reduce_columns_kernel<<<static_cast<unsigned>(groups), kGroup, 0, s>>>(c, blocks, part,
+                                                                         reinterpret_cast<double*>(col_energy), sums[0]);
   int cur = 0;
   while (groups > 1) {
     const int64_t n = groups;

@@ -184,37 +184,31 @@ def adamw_step(
     if not params:
         return
     kernels = _kernels(backend, params[0].device)
-    schema.check_adamw_step(
-        params, grads, exp_avgs, exp_avg_sqs, state_steps, grad_scale, found_inf, float64=kernels.float64
-    )
-    kernels.adamw_step(
-        params,
-        grads,
-        exp_avgs,
-        exp_avg_sqs,
-        state_steps,
-        schema.AdamWHyper(lr, beta1, beta2, eps, weight_decay, maximize, grad_scale, found_inf),
-    )
+    tensors = schema.AdamWTensors(params, grads, exp_avgs, exp_avg_sqs, state_steps)
+    hyper = schema.AdamWHyper(lr, beta1, beta2, eps, weight_decay, maximize, grad_scale, found_inf)
+    schema.check_adamw_step(tensors, hyper, float64=kernels.float64)
+    kernels.adamw_step(tensors, hyper)
 
 
-def hpa_reduce(
-    w_prev: Tensor, w_new: Tensor, hinv_safety: Tensor, hinv_task: Tensor, *, backend: str = "auto"
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """HPA_SPEC.md Step 1 column scores and Step 3 Frobenius sums, in one pass.
+def hpa_reduce(w_prev: Tensor, w_new: Tensor, *, backend: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
+    """The one pass over the weights of HPA_SPEC.md Step 1 (column energies) and Step 3
+    (Frobenius sums).
 
     With ΔW = W_new − W_prev of shape (r, c)::
 
-        eps_bar[j]  = (1/r) Σᵢ ΔWᵢⱼ² / hinv_safety[j]
-        zeta_bar[j] = (1/r) Σᵢ ΔWᵢⱼ² / hinv_task[j]
-        dot         = ⟨ΔW, W_prev⟩_F,     norm_sq = ‖W_prev‖_F²
+        col_energy[j] = Σᵢ ΔWᵢⱼ²                      (Step 1)
+        dot = ⟨ΔW, W_prev⟩_F,   norm_sq = ‖W_prev‖_F²   (Step 3: c_l = dot / norm_sq)
+
+    Step 1's column scores ε̄ⱼ = (col_energy[j] / r) / hinv_s[j] (ζ̄ⱼ with hinv_t) are
+    :func:`hpa_kernels.functional.column_scores_from_energy` of ``col_energy``: the sums stay
+    unrounded, so the scores are rounded once, and the sums of row shards add up
+    (:func:`hpa_kernels.distributed.plan_sharded_layers`).
 
     Args:
         w_prev, w_new: (r, c) weights (out_features, in_features), same dtype, any strides.
-        hinv_safety, hinv_task: (c,) positive diagonals of the damped inverse Hessians.
 
     Returns:
-        ``(eps_bar, zeta_bar, dot, norm_sq)``: float32 (c,), float32 (c,), float32 0-d,
-        float32 0-d; r = 0 gives zeros.
+        ``(col_energy, dot, norm_sq)``: float64 (c,), float32 0-d, float32 0-d; r = 0 gives zeros.
 
     One summation order, the same bits on every backend, thread count, tile size, GPU and SM
     count (so every backend and rank ranks the same columns, HPA_SPEC.md Step 2 ties): in float64,
@@ -225,18 +219,18 @@ def hpa_reduce(
        the adjacent-pair binary tree (:func:`hpa_kernels.ops.torch_ref.pairwise_sum`, rows past r
        count as zeros);
     2. the block sums of each column added in block index order → E_j, D_j, N_j;
-    3. ``eps_bar[j] = fl32((E_j / r) / hinv_safety[j])`` (``zeta_bar`` alike);
-       ``dot = fl32(tree over j of D_j)``, ``norm_sq = fl32(tree over j of N_j)``.
+    3. ``col_energy[j] = E_j`` (not rounded); ``dot = fl32(tree over j of D_j)``,
+       ``norm_sq = fl32(tree over j of N_j)``.
 
-    Rounded once, so each output is within one float32 ulp of its exact value except where the
-    sums cancel (``dot``): float64 error ~ log2(r)·2⁻⁵³ relative to the sum of |terms|.
+    float64 error ~ log2(r)·2⁻⁵³ relative to the sum of |terms|, so ``dot`` and ``norm_sq`` are
+    within one float32 ulp of their exact values except where the sums cancel (``dot``).
 
     Raises:
         ValueError / TypeError: shapes, devices or dtypes that do not match the above.
     """
     kernels = _kernels(backend, w_new.device)
-    schema.check_hpa_reduce(w_prev, w_new, hinv_safety, hinv_task, float64=kernels.float64)
-    return kernels.hpa_reduce(w_prev, w_new, hinv_safety, hinv_task)
+    schema.check_hpa_reduce(w_prev, w_new, float64=kernels.float64)
+    return kernels.hpa_reduce(w_prev, w_new)
 
 
 def hpa_apply(
@@ -297,9 +291,10 @@ def online_step(
     (True = retained, HPA_SPEC.md Step 2) and W_a the AdamW result of :func:`adamw_step` on W:
 
     1. **Pass 1** (reads W, g, m, v, W_prev; writes W, m, v): the AdamW update of ``m``, ``v``,
-       ``state_step``; ``col_energy[j] += Σᵢ (W_a − W)ᵢⱼ²`` — the energy of the *unconstrained*
-       update, retained columns included, summed over steps, for the next mask refresh (Step 1's
-       ε̄ⱼ = col_energy[j] / (r·hinv_s[j]) with col_energy in place of Σᵢ ΔWᵢⱼ²); and
+       ``state_step``; ``col_energy[j] += Σᵢ (W_a − W)ᵢⱼ²`` (fp32) — the energy of the
+       *unconstrained* update, retained columns included, summed over steps, for the next mask
+       refresh (Step 1's ε̄ⱼ with col_energy in place of Σᵢ ΔWᵢⱼ²:
+       :func:`hpa_kernels.functional.column_scores_from_energy`, as offline); and
        W ← W_prev on retained columns, W ← round(W_a) on the others.
     2. **Pass 2** (reads W, W_prev; writes W; only when ``orthogonal`` and c' ≠ 0): the Step 3
        projection restricted to the non-retained columns,
@@ -342,19 +337,7 @@ def online_step(
         ValueError / TypeError: shapes, devices or dtypes that do not match the above.
     """
     kernels = _kernels(backend, param.device)
-    schema.check_online_step(
-        param, grad, exp_avg, exp_avg_sq, state_step, w_prev, mask, col_energy, grad_scale, found_inf,
-        float64=kernels.float64,
-    )  # fmt: skip
-    return kernels.online_step(
-        param,
-        grad,
-        exp_avg,
-        exp_avg_sq,
-        state_step,
-        w_prev,
-        mask,
-        col_energy,
-        schema.AdamWHyper(lr, beta1, beta2, eps, weight_decay, maximize, grad_scale, found_inf),
-        orthogonal,
-    )
+    tensors = schema.OnlineTensors(param, grad, exp_avg, exp_avg_sq, state_step, w_prev, mask, col_energy)
+    hyper = schema.AdamWHyper(lr, beta1, beta2, eps, weight_decay, maximize, grad_scale, found_inf)
+    schema.check_online_step(tensors, hyper, float64=kernels.float64)
+    return kernels.online_step(tensors, hyper, orthogonal)

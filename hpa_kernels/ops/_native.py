@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ._staging import Staging
-from .schema import AdamWHyper
+from .schema import AdamWHyper, AdamWTensors, OnlineTensors
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # csrc/include/hpa/common.h DType
 
@@ -74,13 +74,7 @@ def hyper(h: AdamWHyper) -> tuple[float, float, float, float, float, bool]:
 
 
 def adamw_launches(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    grad_scale: Tensor | None,
-    found_inf: Tensor | None,
+    tensors: AdamWTensors, h: AdamWHyper
 ) -> tuple[Staging, list[tuple[int, list[list[int]], list[int]]], int, int]:
     """The tensors of one AdamW call staged in the kernels' layouts and grouped by storage dtype.
 
@@ -90,10 +84,10 @@ def adamw_launches(
         addresses of ``grad_scale`` / ``found_inf`` (0 for ``None``); ``staging.finish()`` after
         the launches writes the copies back.
     """
-    device = params[0].device
+    device = tensors.params[0].device
     staging = Staging()
     groups: dict[int, list[tuple[Tensor, Tensor, Tensor, Tensor, Tensor]]] = {}
-    for p, g, m, v, s in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps):
+    for p, g, m, v, s in zip(*tensors):
         if (
             p.is_contiguous()
             and g.is_contiguous()
@@ -115,8 +109,8 @@ def adamw_launches(
         )
         staging.keep.extend(entry)  # the launches take addresses: keep every copy alive until finish
         groups.setdefault(DTYPE_CODES[p.dtype], []).append(entry)
-    scale_ptr = staging.scalar_ptr(grad_scale, device)
-    inf_ptr = staging.scalar_ptr(found_inf, device)
+    scale_ptr = staging.scalar_ptr(h.grad_scale, device)
+    inf_ptr = staging.scalar_ptr(h.found_inf, device)
     launches = [
         (code, [[t.data_ptr() for t in column] for column in zip(*entries)], [e[0].numel() for e in entries])
         for code, entries in groups.items()
@@ -124,25 +118,17 @@ def adamw_launches(
     return staging, launches, scale_ptr, inf_ptr
 
 
-def reduce_outputs(
-    w_prev: Tensor, w_new: Tensor, hinv_safety: Tensor, hinv_task: Tensor
-) -> tuple[Tensor, Tensor, tuple | None]:
-    """``hpa_reduce``'s zeroed (c,) outputs ``eps_bar``, ``zeta_bar`` and the arguments of the
-    call that fills them (``None`` when r or c is 0: nothing to call)."""
+def reduce_outputs(w_prev: Tensor, w_new: Tensor) -> tuple[Tensor, tuple | None]:
+    """``hpa_reduce``'s zeroed float64 (c,) output ``col_energy`` and the arguments of the call
+    that fills it (``None`` when r or c is 0: nothing to call)."""
     r, c = w_new.shape
-    device = w_new.device
     if w_prev.dtype != w_new.dtype:
         w_prev = w_prev.to(w_new.dtype)
-    code = DTYPE_CODES[w_new.dtype]
-    f32 = {"dtype": torch.float32, "device": device}
-    hs = hinv_safety.to(**f32).contiguous()
-    ht = hinv_task.to(**f32).contiguous()
-    eps_bar, zeta_bar = torch.zeros(c, **f32), torch.zeros(c, **f32)
+    col_energy = torch.zeros(c, dtype=torch.float64, device=w_new.device)
     if r == 0 or c == 0:
-        return eps_bar, zeta_bar, None
+        return col_energy, None
     mats = (w_prev.data_ptr(), *w_prev.stride(), w_new.data_ptr(), *w_new.stride())
-    args = (code, r, c, *mats, hs.data_ptr(), ht.data_ptr(), eps_bar.data_ptr(), zeta_bar.data_ptr())
-    return eps_bar, zeta_bar, (args, (hs, ht, w_prev))
+    return col_energy, ((DTYPE_CODES[w_new.dtype], r, c, *mats, col_energy.data_ptr()), (w_prev,))
 
 
 def apply_args(w_prev: Tensor, w_new: Tensor, mask: Tensor, out: Tensor | None) -> tuple[Tensor, tuple | None]:
@@ -172,34 +158,14 @@ def online_empty(state_step: Tensor, found_inf: Tensor | None, device: torch.dev
     return torch.zeros((), dtype=torch.float32, device=device)
 
 
-def online_args(
-    param: Tensor,
-    grad: Tensor,
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
-    state_step: Tensor,
-    w_prev: Tensor,
-    mask: Tensor,
-    col_energy: Tensor,
-    hyperparameters: AdamWHyper,
-    orthogonal: bool,
-) -> tuple[Staging, tuple]:
-    """The tensors of one online step staged contiguous (r and c > 0) and the arguments of its
-    call, up to the backend's own last ones; ``staging.finish()`` after the call writes back."""
-    device = param.device
-    r, c = param.shape
+def online_args(t: OnlineTensors, h: AdamWHyper, orthogonal: bool) -> tuple[Staging, tuple]:
+    """The tensors of one online step staged (r and c > 0, :meth:`Staging.online`) and the
+    arguments of its call, up to the backend's own last ones; ``staging.finish()`` after the call
+    writes back."""
+    device = t.param.device
+    r, c = t.param.shape
     staging = Staging()
-    p_ = staging.contiguous(param, write_back=True)
-    m_ = staging.contiguous(exp_avg, write_back=True)
-    v_ = staging.contiguous(exp_avg_sq, write_back=True)
-    e_ = staging.contiguous(col_energy, write_back=True)
-    s_ = staging.dense(state_step.reshape(()), dtype=torch.float32, device=device)
-    g_ = staging.contiguous(grad, write_back=False)
-    w_ = staging.contiguous(w_prev, write_back=False)
-    mask_u8 = mask.to(device).contiguous().view(torch.uint8)
-    ptrs = (p_, g_, m_, v_, s_, w_, mask_u8, e_)
-    staging.keep.extend(ptrs)  # the call takes addresses: keep every copy alive until finish
-    h = hyperparameters
+    staged = staging.online(t)
     scalars = (staging.scalar_ptr(h.grad_scale, device), staging.scalar_ptr(h.found_inf, device), bool(orthogonal))
-    args = (DTYPE_CODES[param.dtype], r, c, *(t.data_ptr() for t in ptrs), *hyper(h), *scalars)
+    args = (DTYPE_CODES[t.param.dtype], r, c, *(x.data_ptr() for x in staged), *hyper(h), *scalars)
     return staging, args

@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .schema import OnlineTensors
+
 
 def layout(t: Tensor) -> str | None:
     """The dense memory format of ``t`` (``None`` when it is not dense in a standard format)."""
@@ -65,6 +67,25 @@ class Staging:
         if write_back:
             self._writebacks.append((t, tmp))
         return tmp
+
+    def online(self, t: OnlineTensors) -> OnlineTensors:
+        """``t`` (r and c > 0) in the layout of the online-step kernels: the (r, c) tensors and
+        ``col_energy`` contiguous (those the step updates written back by :meth:`finish`),
+        ``state_step`` a dense fp32 0-d tensor and ``mask`` a uint8 view, both on param's device.
+        Every copy is kept alive until :meth:`finish` (the kernels take addresses)."""
+        device = t.param.device
+        staged = OnlineTensors(
+            param=self.contiguous(t.param, write_back=True),
+            grad=self.contiguous(t.grad, write_back=False),
+            exp_avg=self.contiguous(t.exp_avg, write_back=True),
+            exp_avg_sq=self.contiguous(t.exp_avg_sq, write_back=True),
+            state_step=self.dense(t.state_step.reshape(()), dtype=torch.float32, device=device),
+            w_prev=self.contiguous(t.w_prev, write_back=False),
+            mask=t.mask.to(device).contiguous().view(torch.uint8),
+            col_energy=self.contiguous(t.col_energy, write_back=True),
+        )
+        self.keep.extend(staged)
+        return staged
 
     def finish(self) -> None:
         for original, tmp in self._writebacks:

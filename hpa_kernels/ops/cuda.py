@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import _native
-from .schema import AdamWHyper, Kernels, register
+from .schema import AdamWHyper, AdamWTensors, Kernels, OnlineTensors, register
 
 
 def _launch(fn: Callable, device: torch.device, *args):
@@ -25,40 +25,29 @@ def _launch(fn: Callable, device: torch.device, *args):
         return fn(*args, torch.cuda.current_stream(device).cuda_stream)
 
 
-def adamw_step(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    hyper: AdamWHyper,
-) -> None:
+def adamw_step(tensors: AdamWTensors, hyper: AdamWHyper) -> None:
     """See ``hpa_kernels.ops.adamw_step`` (one launch per storage dtype)."""
-    device = params[0].device
-    staging, launches, scale_ptr, inf_ptr = _native.adamw_launches(
-        params, grads, exp_avgs, exp_avg_sqs, state_steps, hyper.grad_scale, hyper.found_inf
-    )
+    device = tensors.params[0].device
+    staging, launches, scale_ptr, inf_ptr = _native.adamw_launches(tensors, hyper)
     scalars = _native.hyper(hyper)
     for code, ptrs, numels in launches:
         _launch(_native.CUDA_LIB.adamw, device, code, *ptrs, numels, *scalars, scale_ptr, inf_ptr)
     staging.finish()
 
 
-def hpa_reduce(
-    w_prev: Tensor, w_new: Tensor, hinv_safety: Tensor, hinv_task: Tensor
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def hpa_reduce(w_prev: Tensor, w_new: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """See ``hpa_kernels.ops.hpa_reduce`` (the sums stay on the device)."""
     r, c = w_new.shape
     device = w_new.device
     f32 = {"dtype": torch.float32, "device": device}
-    eps_bar, zeta_bar, call = _native.reduce_outputs(w_prev, w_new, hinv_safety, hinv_task)
+    col_energy, call = _native.reduce_outputs(w_prev, w_new)
     if call is None:
-        return eps_bar, zeta_bar, torch.zeros((), **f32), torch.zeros((), **f32)
+        return col_energy, torch.zeros((), **f32), torch.zeros((), **f32)
     args, _keep = call
     dot, norm_sq = torch.empty((), **f32), torch.empty((), **f32)
     workspace = torch.empty(_native.CUDA_LIB.reduce_workspace_bytes(r, c) // 8, dtype=torch.float64, device=device)
     _launch(_native.CUDA_LIB.hpa_reduce, device, *args, dot.data_ptr(), norm_sq.data_ptr(), workspace.data_ptr())
-    return eps_bar, zeta_bar, dot, norm_sq
+    return col_energy, dot, norm_sq
 
 
 def hpa_apply(w_prev: Tensor, w_new: Tensor, mask: Tensor, coef: float | Tensor, out: Tensor | None = None) -> Tensor:
@@ -78,27 +67,14 @@ def hpa_apply(w_prev: Tensor, w_new: Tensor, mask: Tensor, coef: float | Tensor,
     return out
 
 
-def online_step(
-    param: Tensor,
-    grad: Tensor,
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
-    state_step: Tensor,
-    w_prev: Tensor,
-    mask: Tensor,
-    col_energy: Tensor,
-    hyper: AdamWHyper,
-    orthogonal: bool,
-) -> Tensor:
+def online_step(tensors: OnlineTensors, hyper: AdamWHyper, orthogonal: bool) -> Tensor:
     """See ``hpa_kernels.ops.online_step`` (c' stays on the device)."""
-    device = param.device
-    if param.numel() == 0:
-        return _native.online_empty(state_step, hyper.found_inf, device)
-    r, c = param.shape
+    device = tensors.param.device
+    if tensors.param.numel() == 0:
+        return _native.online_empty(tensors.state_step, hyper.found_inf, device)
+    r, c = tensors.param.shape
     f32 = {"dtype": torch.float32, "device": device}
-    staging, args = _native.online_args(
-        param, grad, exp_avg, exp_avg_sq, state_step, w_prev, mask, col_energy, hyper, orthogonal
-    )
+    staging, args = _native.online_args(tensors, hyper, orthogonal)
     coef = torch.empty((), **f32)
     workspace = torch.empty(_native.CUDA_LIB.online_workspace_bytes(r, c) // 4, **f32)
     _launch(_native.CUDA_LIB.online_step, device, *args, coef.data_ptr(), workspace.data_ptr())

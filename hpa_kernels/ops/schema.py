@@ -12,8 +12,9 @@ Storage dtypes are float32 / bfloat16 / float16. A backend registered with ``flo
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -22,6 +23,33 @@ STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ROW_BLOCK = 128
 """Rows per block of the HPA reductions' fixed summation order (``hpa_kernels.ops.hpa_reduce``)."""
 _FLOAT64_DTYPES = (*STORAGE_DTYPES, torch.float64)
+
+
+class AdamWTensors(NamedTuple):
+    """The tensor lists of one ``adamw_step`` call, as the backends take them: built once per call
+    by :mod:`hpa_kernels.ops`, each field the argument of that name of ``hpa_kernels.ops.adamw_step``
+    (shapes and dtypes documented there); ``zip(*tensors)`` walks it one parameter at a time."""
+
+    params: list[Tensor]
+    grads: list[Tensor]
+    exp_avgs: list[Tensor]
+    exp_avg_sqs: list[Tensor]
+    state_steps: list[Tensor]
+
+
+class OnlineTensors(NamedTuple):
+    """The tensors of one ``online_step`` call (one managed weight), as the backends take them:
+    built once per call by :mod:`hpa_kernels.ops`, each field the argument of that name of
+    ``hpa_kernels.ops.online_step`` (shapes and dtypes documented there)."""
+
+    param: Tensor
+    grad: Tensor
+    exp_avg: Tensor
+    exp_avg_sq: Tensor
+    state_step: Tensor
+    w_prev: Tensor
+    mask: Tensor
+    col_energy: Tensor
 
 
 @dataclass(frozen=True)
@@ -48,21 +76,21 @@ class AdamWHyper:
 @dataclass(frozen=True)
 class Kernels:
     """One backend's implementations of the four ops, called with arguments that passed this
-    module's checks. The kernels' signatures (those of :mod:`hpa_kernels.ops` with the AdamW
-    keywords as one :class:`AdamWHyper` and without ``backend``)::
+    module's checks. The kernels' signatures (those of :mod:`hpa_kernels.ops` with the tensors of
+    ``adamw_step`` / ``online_step`` as one :class:`AdamWTensors` / :class:`OnlineTensors`, their
+    AdamW keywords as one :class:`AdamWHyper`, and without ``backend``)::
 
-        adamw_step(params, grads, exp_avgs, exp_avg_sqs, state_steps, hyper) -> None
-        hpa_reduce(w_prev, w_new, hinv_safety, hinv_task) -> (eps_bar, zeta_bar, dot, norm_sq)
+        adamw_step(tensors, hyper) -> None
+        hpa_reduce(w_prev, w_new) -> (col_energy, dot, norm_sq)
         hpa_apply(w_prev, w_new, mask, coef, out) -> Tensor
-        online_step(param, grad, exp_avg, exp_avg_sq, state_step, w_prev, mask, col_energy,
-                    hyper, orthogonal) -> Tensor
+        online_step(tensors, hyper, orthogonal) -> Tensor
     """
 
     name: str
-    adamw_step: Callable[[list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[Tensor], AdamWHyper], None]
-    hpa_reduce: Callable[[Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor, Tensor]]
+    adamw_step: Callable[[AdamWTensors, AdamWHyper], None]
+    hpa_reduce: Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
     hpa_apply: Callable[[Tensor, Tensor, Tensor, float | Tensor, Tensor | None], Tensor]
-    online_step: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, AdamWHyper, bool], Tensor]
+    online_step: Callable[[OnlineTensors, AdamWHyper, bool], Tensor]
     float64: bool = False  # takes float64 tensors too (the "torch" reference only)
 
 
@@ -115,23 +143,14 @@ def _check_vector(v: Tensor, c: int, name: str, op: str) -> None:
 # One check per op (the contracts in the docstrings of hpa_kernels.ops)
 
 
-def check_adamw_step(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor],
-    exp_avg_sqs: Sequence[Tensor],
-    state_steps: Sequence[Tensor],
-    grad_scale: Tensor | None,
-    found_inf: Tensor | None,
-    *,
-    float64: bool = False,
-) -> None:
-    """The argument contract of ``hpa_kernels.ops.adamw_step`` (``params`` not empty)."""
+def check_adamw_step(tensors: AdamWTensors, hyper: AdamWHyper, *, float64: bool = False) -> None:
+    """The argument contract of ``hpa_kernels.ops.adamw_step`` (``tensors.params`` not empty)."""
+    params = tensors.params
     n = len(params)
-    if not (len(grads) == len(exp_avgs) == len(exp_avg_sqs) == len(state_steps) == n):
+    if not all(len(t) == n for t in tensors):
         raise ValueError("adamw_step: params, grads, exp_avgs, exp_avg_sqs and state_steps differ in length")
     device = params[0].device
-    for k, (p, g, m, v, s) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, state_steps)):
+    for k, (p, g, m, v, s) in enumerate(zip(*tensors)):
         _check_storage(p, f"adamw_step: params[{k}]", float64)
         if p.device != device or g.device != device:
             raise ValueError(f"adamw_step: params[{k}] / grads[{k}] not on {device}")
@@ -144,18 +163,13 @@ def check_adamw_step(
             raise TypeError(f"adamw_step: exp_avgs[{k}] / exp_avg_sqs[{k}] must be float32")
         if s.numel() != 1:
             raise ValueError(f"adamw_step: state_steps[{k}] must be a one-element tensor")
-    _check_scalar(grad_scale)
-    _check_scalar(found_inf)
+    _check_scalar(hyper.grad_scale)
+    _check_scalar(hyper.found_inf)
 
 
-def check_hpa_reduce(
-    w_prev: Tensor, w_new: Tensor, hinv_safety: Tensor, hinv_task: Tensor, *, float64: bool = False
-) -> None:
+def check_hpa_reduce(w_prev: Tensor, w_new: Tensor, *, float64: bool = False) -> None:
     """The argument contract of ``hpa_kernels.ops.hpa_reduce``."""
     _check_matrix_pair(w_prev, w_new, "hpa_reduce")
-    c = w_new.shape[1]
-    _check_vector(hinv_safety, c, "hinv_safety", "hpa_reduce")
-    _check_vector(hinv_task, c, "hinv_task", "hpa_reduce")
     _check_storage(w_new, "hpa_reduce", float64)
 
 
@@ -170,37 +184,26 @@ def check_hpa_apply(w_prev: Tensor, w_new: Tensor, mask: Tensor, out: Tensor | N
         raise ValueError("hpa_apply: out must match w_new in shape, dtype and device")
 
 
-def check_online_step(
-    param: Tensor,
-    grad: Tensor,
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
-    state_step: Tensor,
-    w_prev: Tensor,
-    mask: Tensor,
-    col_energy: Tensor,
-    grad_scale: Tensor | None,
-    found_inf: Tensor | None,
-    *,
-    float64: bool = False,
-) -> None:
+def check_online_step(t: OnlineTensors, hyper: AdamWHyper, *, float64: bool = False) -> None:
     """The argument contract of ``hpa_kernels.ops.online_step``."""
+    param = t.param
     _check_storage(param, "online_step: param", float64)
     if param.dim() != 2:
         raise ValueError(f"online_step: param must be 2-D (out_features, in_features), got {tuple(param.shape)}")
     c = param.shape[1]
-    for name, t in (("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("w_prev", w_prev)):
-        if t.shape != param.shape or t.device != param.device:
+    for name in ("grad", "exp_avg", "exp_avg_sq", "w_prev"):
+        other = getattr(t, name)
+        if other.shape != param.shape or other.device != param.device:
             raise ValueError(f"online_step: {name} must match param's shape {tuple(param.shape)} and device")
-    if grad.dtype != param.dtype or w_prev.dtype != param.dtype:
+    if t.grad.dtype != param.dtype or t.w_prev.dtype != param.dtype:
         raise TypeError("online_step: grad and w_prev must have param's dtype")
-    if not (_is_f32(exp_avg, float64) and _is_f32(exp_avg_sq, float64)):
+    if not (_is_f32(t.exp_avg, float64) and _is_f32(t.exp_avg_sq, float64)):
         raise TypeError("online_step: exp_avg and exp_avg_sq must be float32")
-    _check_vector(mask, c, "mask", "online_step")
-    _check_vector(col_energy, c, "col_energy", "online_step")
-    if mask.dtype != torch.bool or not _is_f32(col_energy, float64):
+    _check_vector(t.mask, c, "mask", "online_step")
+    _check_vector(t.col_energy, c, "col_energy", "online_step")
+    if t.mask.dtype != torch.bool or not _is_f32(t.col_energy, float64):
         raise TypeError("online_step: mask must be bool and col_energy float32")
-    if state_step.numel() != 1:
+    if t.state_step.numel() != 1:
         raise ValueError("online_step: state_step must be a one-element tensor")
-    _check_scalar(grad_scale)
-    _check_scalar(found_inf)
+    _check_scalar(hyper.grad_scale)
+    _check_scalar(hyper.found_inf)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .schema import ROW_BLOCK, AdamWHyper, Kernels, register
+from .schema import ROW_BLOCK, AdamWHyper, AdamWTensors, Kernels, OnlineTensors, register
 
 
 def _math_dtype(t: Tensor) -> torch.dtype:
@@ -23,14 +23,7 @@ def _math_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def adamw_step(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    hyper: AdamWHyper,
-) -> None:
+def adamw_step(tensors: AdamWTensors, hyper: AdamWHyper) -> None:
     """AdamW (Loshchilov & Hutter), the update of ``torch.optim.AdamW``, one tensor at a time.
 
     See ``hpa_kernels.ops.adamw_step`` for the contract.
@@ -38,7 +31,7 @@ def adamw_step(
     if hyper.found_inf is not None and bool(hyper.found_inf.item()):
         return
     lr_value, beta1, beta2 = float(hyper.lr), hyper.beta1, hyper.beta2
-    for param, grad, exp_avg, exp_avg_sq, step_t in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps):
+    for param, grad, exp_avg, exp_avg_sq, step_t in zip(*tensors):
         if param.numel() == 0:
             step_t += 1
             continue
@@ -84,10 +77,8 @@ def pairwise_sum(x: Tensor, dim: int) -> Tensor:
     return x.squeeze(dim)
 
 
-def hpa_reduce(
-    w_prev: Tensor, w_new: Tensor, hinv_safety: Tensor, hinv_task: Tensor
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """HPA_SPEC.md Step 1's column scores and Step 3's Frobenius sums, in the fixed float64 order
+def hpa_reduce(w_prev: Tensor, w_new: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """HPA_SPEC.md Step 1's column energies and Step 3's Frobenius sums, in the fixed float64 order
     of ``hpa_kernels.ops.hpa_reduce`` (every backend gives these bits).
 
     See ``hpa_kernels.ops.hpa_reduce`` for the contract.
@@ -105,12 +96,9 @@ def hpa_reduce(
         partials = pairwise_sum(padded.view(3, blocks, ROW_BLOCK, columns), dim=2)  # (3, blocks, c)
         for block in range(blocks):  # block partials in index order
             totals = totals + partials[:, block]
-    energy = totals[0] / rows if rows > 0 else totals[0]
-    eps_bar = energy / hinv_safety.double()
-    zeta_bar = energy / hinv_task.double()
     dot = pairwise_sum(totals[1], dim=0)
     norm_sq = pairwise_sum(totals[2], dim=0)
-    return eps_bar.float(), zeta_bar.float(), dot.float(), norm_sq.float()
+    return totals[0].clone(), dot.float(), norm_sq.float()
 
 
 def hpa_apply(w_prev: Tensor, w_new: Tensor, mask: Tensor, coef: float | Tensor, out: Tensor | None = None) -> Tensor:
@@ -128,34 +116,24 @@ def hpa_apply(w_prev: Tensor, w_new: Tensor, mask: Tensor, coef: float | Tensor,
     return out
 
 
-def online_step(
-    param: Tensor,
-    grad: Tensor,
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
-    state_step: Tensor,
-    w_prev: Tensor,
-    mask: Tensor,
-    col_energy: Tensor,
-    hyper: AdamWHyper,
-    orthogonal: bool,
-) -> Tensor:
+def online_step(t: OnlineTensors, hyper: AdamWHyper, orthogonal: bool) -> Tensor:
     """The online HPA step, written as its two passes (see ``hpa_kernels.ops.online_step``).
 
     Pass 1 stores the AdamW result rounded to the parameter's dtype (W_prev on retained columns);
     pass 2 subtracts c'·W_prev from the non-retained columns of that stored result.
     """
+    param, col_energy = t.param, t.col_energy
     if hyper.found_inf is not None and bool(hyper.found_inf.item()):
         return torch.zeros((), dtype=torch.float32, device=param.device)
     math_dtype = _math_dtype(param)
     before = param.to(math_dtype, copy=True)
     after = before.clone()
-    adamw_step([after], [grad], [exp_avg], [exp_avg_sq], [state_step], hyper)
+    adamw_step(AdamWTensors([after], [t.grad], [t.exp_avg], [t.exp_avg_sq], [t.state_step]), hyper)
     if param.numel() == 0:
         return torch.zeros((), dtype=torch.float32, device=param.device)
     col_energy += (after - before).square().sum(dim=0).to(col_energy.dtype)
-    keep = mask.view(1, -1)
-    prev = w_prev.to(param.dtype)
+    keep = t.mask.view(1, -1)
+    prev = t.w_prev.to(param.dtype)
     stored = torch.where(keep, prev, after.to(param.dtype))
     coef = 0.0
     if orthogonal:

@@ -33,7 +33,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._staging import Staging
-from .schema import ROW_BLOCK, AdamWHyper, Kernels, register
+from .schema import ROW_BLOCK, AdamWHyper, AdamWTensors, Kernels, OnlineTensors, register
 
 _ADAMW_BLOCK = 1024
 _TILE_R = 32
@@ -176,11 +176,9 @@ def _hpa_reduce_blocks_kernel(
 
 
 @triton.jit
-def _hpa_reduce_columns_kernel(
-    part_ptr, hs_ptr, ht_ptr, eps_ptr, zeta_ptr, sums_ptr, r, c, blocks, GROUP: tl.constexpr
-):  # fmt: skip
-    """Stage 2: per column, the block sums in index order (float64) -> eps_bar, zeta_bar; the
-    tree over this program's GROUP columns of the d·w and w² totals -> sums[0 / 1, program]."""
+def _hpa_reduce_columns_kernel(part_ptr, energy_ptr, sums_ptr, c, blocks, GROUP: tl.constexpr):
+    """Stage 2: per column, the block sums in index order (float64) -> col_energy; the tree over
+    this program's GROUP columns of the d·w and w² totals -> sums[0 / 1, program]."""
     pid = tl.program_id(0)
     cols = _block_offsets(pid, GROUP)
     live = cols < c
@@ -193,11 +191,7 @@ def _hpa_reduce_columns_kernel(
         e += tl.load(at, mask=live, other=0.0)
         p += tl.load(at + plane, mask=live, other=0.0)
         q += tl.load(at + 2 * plane, mask=live, other=0.0)
-    mean = e / r
-    hs = tl.load(hs_ptr + cols, mask=live, other=1.0).to(tl.float64)
-    ht = tl.load(ht_ptr + cols, mask=live, other=1.0).to(tl.float64)
-    tl.store(eps_ptr + cols, (mean / hs).to(tl.float32), mask=live)
-    tl.store(zeta_ptr + cols, (mean / ht).to(tl.float32), mask=live)
+    tl.store(energy_ptr + cols, e, mask=live)
     at = sums_ptr + pid + tl.arange(0, 1)
     tl.store(at, _pairwise(tl.reshape(p, [GROUP, 1]), GROUP, 1))
     tl.store(at + tl.num_programs(0), _pairwise(tl.reshape(q, [GROUP, 1]), GROUP, 1))
@@ -329,21 +323,14 @@ def _skip_flag(found_inf: Tensor | None, device: torch.device) -> Tensor | None:
     return None if found_inf is None else found_inf.detach().reshape(()).to(device) != 0
 
 
-def adamw_step(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    state_steps: list[Tensor],
-    hyper: AdamWHyper,
-) -> None:
+def adamw_step(tensors: AdamWTensors, hyper: AdamWHyper) -> None:
     """See ``hpa_kernels.ops.adamw_step``."""
-    device = params[0].device
+    device = tensors.params[0].device
     with _on(device):
-        _adamw_launch(params, grads, exp_avgs, exp_avg_sqs, state_steps, device, hyper)
+        _adamw_launch(tensors, device, hyper)
 
 
-def _adamw_launch(params, grads, exp_avgs, exp_avg_sqs, state_steps, device, hyper: AdamWHyper) -> None:
+def _adamw_launch(tensors: AdamWTensors, device: torch.device, hyper: AdamWHyper) -> None:
     """The body of :func:`adamw_step`, on the tensors' device."""
     staging = Staging()
     grad_scale, found_inf = hyper.grad_scale, hyper.found_inf
@@ -351,7 +338,7 @@ def _adamw_launch(params, grads, exp_avgs, exp_avg_sqs, state_steps, device, hyp
     scale_ptr = staging.scalar_tensor(grad_scale, device)
     inf_ptr = staging.scalar_tensor(found_inf, device)
     skip = _skip_flag(found_inf, device)
-    for p, g, m, v, s in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps):
+    for p, g, m, v, s in zip(*tensors):
         p_ = staging.dense(p)
         g_ = staging.like(g, p_, dtype=p.dtype)
         m_ = staging.like(m, p_, write_back=True)
@@ -369,39 +356,34 @@ def _adamw_launch(params, grads, exp_avgs, exp_avg_sqs, state_steps, device, hyp
     staging.finish()
 
 
-def hpa_reduce(
-    w_prev: Tensor, w_new: Tensor, hinv_safety: Tensor, hinv_task: Tensor
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def hpa_reduce(w_prev: Tensor, w_new: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """See ``hpa_kernels.ops.hpa_reduce`` (its fixed order, in four kinds of launch: block trees,
     column sums, column trees until one value is left, the final rounding)."""
     r, c = w_new.shape
     device = w_new.device
-    f32 = {"dtype": torch.float32, "device": device}
+    f64 = {"dtype": torch.float64, "device": device}
     if r == 0 or c == 0:
-        return torch.zeros(c, **f32), torch.zeros(c, **f32), torch.zeros((), **f32), torch.zeros((), **f32)
+        zero = torch.zeros((), dtype=torch.float32, device=device)
+        return torch.zeros(c, **f64), zero, zero.clone()
     if w_prev.dtype != w_new.dtype:
         w_prev = w_prev.to(w_new.dtype)
-    hs = hinv_safety.to(**f32).contiguous()
-    ht = hinv_task.to(**f32).contiguous()
     with _on(device):
         blocks, tiles = triton.cdiv(r, ROW_BLOCK), triton.cdiv(c, _REDUCE_COLS)
-        partials = torch.empty(3, blocks, c, dtype=torch.float64, device=device)
+        partials = torch.empty(3, blocks, c, **f64)
         _hpa_reduce_blocks_kernel[(tiles * blocks,)](
             w_prev, w_new, partials, r, c, *w_prev.stride(), *w_new.stride(), tiles, blocks,
             ROWS=ROW_BLOCK, BLOCK_C=_REDUCE_COLS, **LAUNCH_OPTIONS,
         )  # fmt: skip
-        eps_bar, zeta_bar = torch.empty(c, **f32), torch.empty(c, **f32)
+        col_energy = torch.empty(c, **f64)
         groups = triton.cdiv(c, _GROUP)
-        sums = torch.empty(2, groups, dtype=torch.float64, device=device)
-        _hpa_reduce_columns_kernel[(groups,)](
-            partials, hs, ht, eps_bar, zeta_bar, sums, r, c, blocks, GROUP=_GROUP, **LAUNCH_OPTIONS
-        )
+        sums = torch.empty(2, groups, **f64)
+        _hpa_reduce_columns_kernel[(groups,)](partials, col_energy, sums, c, blocks, GROUP=_GROUP, **LAUNCH_OPTIONS)
         while groups > 1:
             n, groups = groups, triton.cdiv(groups, _GROUP)
-            src, sums = sums, torch.empty(2, groups, dtype=torch.float64, device=device)
+            src, sums = sums, torch.empty(2, groups, **f64)
             _pairwise_groups_kernel[(groups,)](src, sums, n, GROUP=_GROUP, **LAUNCH_OPTIONS)
         totals = sums.reshape(2).to(torch.float32)
-    return eps_bar, zeta_bar, totals[0], totals[1]
+    return col_energy, totals[0], totals[1]
 
 
 def hpa_apply(w_prev: Tensor, w_new: Tensor, mask: Tensor, coef: float | Tensor, out: Tensor | None = None) -> Tensor:
@@ -426,47 +408,27 @@ def hpa_apply(w_prev: Tensor, w_new: Tensor, mask: Tensor, coef: float | Tensor,
     return out
 
 
-def online_step(
-    param: Tensor,
-    grad: Tensor,
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
-    state_step: Tensor,
-    w_prev: Tensor,
-    mask: Tensor,
-    col_energy: Tensor,
-    hyper: AdamWHyper,
-    orthogonal: bool,
-) -> Tensor:
+def online_step(tensors: OnlineTensors, hyper: AdamWHyper, orthogonal: bool) -> Tensor:
     """See ``hpa_kernels.ops.online_step``."""
-    device = param.device
-    r, c = param.shape
-    f32 = {"dtype": torch.float32, "device": device}
+    device = tensors.param.device
+    r, c = tensors.param.shape
     skip = _skip_flag(hyper.found_inf, device)
     if r == 0 or c == 0:
+        state_step = tensors.state_step
         state_step.add_(1.0 if skip is None else (~skip).to(state_step.device, state_step.dtype))
-        return torch.zeros((), **f32)
+        return torch.zeros((), dtype=torch.float32, device=device)
     with _on(device):
-        return _online_launch(
-            param, grad, exp_avg, exp_avg_sq, state_step, w_prev, mask, col_energy, device, skip, hyper, orthogonal
-        )
+        return _online_launch(tensors, device, skip, hyper, orthogonal)
 
 
 def _online_launch(
-    param, grad, exp_avg, exp_avg_sq, state_step, w_prev, mask, col_energy, device, skip, hyper: AdamWHyper,
-    orthogonal: bool,
-) -> Tensor:  # fmt: skip
+    tensors: OnlineTensors, device: torch.device, skip: Tensor | None, hyper: AdamWHyper, orthogonal: bool
+) -> Tensor:
     """The body of :func:`online_step`, on the tensors' device."""
-    r, c = param.shape
+    r, c = tensors.param.shape
     f32 = {"dtype": torch.float32, "device": device}
     staging = Staging()
-    p_ = staging.contiguous(param, write_back=True)
-    m_ = staging.contiguous(exp_avg, write_back=True)
-    v_ = staging.contiguous(exp_avg_sq, write_back=True)
-    s_ = staging.dense(state_step.reshape(()), dtype=torch.float32, device=device)
-    g_ = staging.contiguous(grad, write_back=False)
-    w_ = staging.contiguous(w_prev, write_back=False)
-    mask_u8 = mask.to(device).contiguous().view(torch.uint8)
+    p_, g_, m_, v_, s_, w_, mask_u8, col_energy = staging.online(tensors)
     chunks, tiles = triton.cdiv(r, _ONLINE_CHUNK_ROWS), triton.cdiv(c, _TILE_C)
     cols = torch.empty(chunks, c, **f32)
     dots, norms = torch.empty(chunks * tiles, **f32), torch.empty(chunks * tiles, **f32)

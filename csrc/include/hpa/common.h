@@ -130,9 +130,10 @@ HPA_HD void split_range(int64_t n, int64_t parts, int64_t k, int64_t* begin, int
 
 // The fixed summation order of the HPA reductions (hpa_kernels.ops.hpa_reduce), the same on every
 // backend, thread count, tile size and GPU: rows in blocks of kRowBlock; within a block, the
-// adjacent-pair binary tree over the block's rows (zero-padded); block sums added in index order;
-// the per-column totals of the two Frobenius sums added across columns by the same tree. All in
-// double, each product and sum one IEEE operation (no contraction), rounded to float once.
+// adjacent-pair binary tree over the block's rows (zero-padded); block sums added in index order
+// (the column energies, returned in double); the per-column totals of the two Frobenius sums added
+// across columns by the same tree, rounded to float once. All in double, each product and sum one
+// IEEE operation (no contraction).
 constexpr int64_t kRowBlock = 128;
 
 // The adjacent-pair tree sum of a stream of values pushed in order: a binary counter whose level l

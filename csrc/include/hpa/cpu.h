@@ -17,10 +17,11 @@ void adamw(int dtype, int64_t n, const uintptr_t* params, const uintptr_t* grads
            const uintptr_t* exp_avg_sqs, const uintptr_t* steps, const int64_t* numels, const AdamWHyper& hyper,
            const float* grad_scale, const float* found_inf);
 
-// HPA_SPEC.md Step 1 column scores and Step 3 Frobenius sums of (r, c) matrices, one pass.
-// eps_bar, zeta_bar: (c,) fp32 outputs; dot, norm_sq: double outputs. hinv_*: (c,) fp32.
-void hpa_reduce(int dtype, int64_t r, int64_t c, Mat prev, Mat next, const float* hinv_safety,
-                const float* hinv_task, float* eps_bar, float* zeta_bar, double* dot, double* norm_sq);
+// HPA_SPEC.md Step 1 column energies and Step 3 Frobenius sums of (r, c) matrices, one pass, in the
+// order of hpa/common.h: col_energy (c,) double, E_j = sum_i dW_ij^2; dot = <dW, W_prev>_F and
+// norm_sq = ||W_prev||_F^2, double (the caller rounds them to float once).
+void hpa_reduce(int dtype, int64_t r, int64_t c, Mat prev, Mat next, double* col_energy, double* dot,
+                double* norm_sq);
 
 // HPA_SPEC.md Step 3 write: out = mask ? prev (raw bits) : next - coef * prev, one pass.
 void hpa_apply(int dtype, int64_t r, int64_t c, Mat prev, Mat next, Mat out, const uint8_t* mask, float coef);

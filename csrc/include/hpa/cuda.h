@@ -29,11 +29,11 @@ int64_t reduce_workspace_bytes(int64_t r, int64_t c);
 // Bytes of device workspace online_step needs for an (r, c) matrix (r, c > 0).
 int64_t online_workspace_bytes(int64_t r, int64_t c);
 
-// HPA_SPEC.md Steps 1 and 3 sums; eps_bar, zeta_bar (c,) and dot, norm_sq (0-d) fp32 on the device,
-// in the fixed float64 order of hpa/common.h (kRowBlock): the bits of every other backend.
-const char* hpa_reduce(int dtype, int64_t r, int64_t c, Mat prev, Mat next, uintptr_t hinv_safety,
-                       uintptr_t hinv_task, uintptr_t eps_bar, uintptr_t zeta_bar, uintptr_t dot, uintptr_t norm_sq,
-                       uintptr_t workspace, uintptr_t stream);
+// HPA_SPEC.md Step 1 column energies and Step 3 Frobenius sums on the device: col_energy (c,) double,
+// dot and norm_sq (0-d) fp32, in the fixed float64 order of hpa/common.h (kRowBlock): the bits of
+// every other backend.
+const char* hpa_reduce(int dtype, int64_t r, int64_t c, Mat prev, Mat next, uintptr_t col_energy, uintptr_t dot,
+                       uintptr_t norm_sq, uintptr_t workspace, uintptr_t stream);
 
 // HPA_SPEC.md Step 3 write. coef_ptr (a device fp32 scalar) wins over coef when non-zero.
 const char* hpa_apply(int dtype, int64_t r, int64_t c, Mat prev, Mat next, Mat out, uintptr_t mask, float coef,
