@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .functional import column_scores_from_energy, count_columns, top_columns
+from .functional import column_scores_from_energy, count_columns, projection_coef, top_columns
 from .optim_state import adamw_hyperparameters
 
 
@@ -96,5 +96,5 @@ def refresh_mask(
     free_prev = prev.double()[:, ~mask]
     norm_sq = float(free_prev.square().sum())
     dot = float(((working.double()[:, ~mask] - free_prev) * free_prev).sum())
-    coef = dot / norm_sq if orthogonal and norm_sq > 0.0 else 0.0
+    coef = projection_coef(dot, norm_sq) if orthogonal else 0.0
     working.copy_(ops.hpa_apply(prev, working, mask, coef, backend=backend))
