@@ -17,7 +17,8 @@ namespace cuda {
 int device_count();
 
 // Multi-tensor AdamW; same contract as hpa::cpu::adamw, pointers are device addresses and the
-// pointer arrays are host arrays. One launch per 24 tensors (kernel-argument batches).
+// pointer arrays are host arrays. One launch per 87 tensors (kMaxTensors in csrc/cuda/adamw.cu: the
+// kernel-argument batch that fits 4 KB), tensors cut into 65536-element chunks of one block each.
 const char* adamw(int dtype, int64_t n, const uintptr_t* params, const uintptr_t* grads, const uintptr_t* exp_avgs,
                   const uintptr_t* exp_avg_sqs, const uintptr_t* steps, const int64_t* numels,
                   const AdamWHyper& hyper, uintptr_t grad_scale, uintptr_t found_inf, uintptr_t stream);
