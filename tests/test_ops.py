@@ -713,13 +713,12 @@ def ptx(fn, signature, constexprs):
 hyper = {k: "fp64" for k in ("lr", "log_beta1", "log_beta2", "beta1", "beta2", "eps", "weight_decay")}
 flags = {"HAS_SCALE": True, "HAS_INF": True, "MAXIMIZE": False, "LR_PTR": True}
 f32 = "*fp32"
-adamw = {"p_ptr": "*bf16", "g_ptr": "*bf16", "m_ptr": f32, "v_ptr": f32, "step_ptr": f32, "lr_ptr": f32,
-         "scale_ptr": f32, "inf_ptr": f32, "n": "i64", **hyper}
+adamw = {"table_ptr": "*i64", "num_tensors": "i32", "lr_ptr": f32, "scale_ptr": f32, "inf_ptr": f32, **hyper}
 online = {"p_ptr": "*bf16", "g_ptr": "*bf16", "m_ptr": f32, "v_ptr": f32, "w_ptr": "*bf16", "mask_ptr": "*u8",
           "step_ptr": f32, "lr_ptr": f32, "scale_ptr": f32, "inf_ptr": f32, "col_ptr": f32, "dot_ptr": f32,
           "norm_ptr": f32, "r": "i64", "c": "i64", "rows_per_chunk": "i64", **hyper}
 with open(sys.argv[1], "w") as out:
-    out.write(ptx(tk._adamw_kernel, adamw, {**flags, "BLOCK": 1024}))
+    out.write(ptx(tk._adamw_kernel, adamw, {**flags, "DTYPE": tk.tl.bfloat16, "SEARCH_STEPS": 3, "BLOCK": 1024}))
     out.write(ptx(tk._online_pass1_kernel, online, {**flags, "BLOCK_R": 32, "BLOCK_C": 64}))
 """
 

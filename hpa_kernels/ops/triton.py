@@ -14,7 +14,8 @@ trees), so its bits equal the ``"torch"`` reference's on any GPU. The online ste
 reductions write per-program fp32 partials that torch sums in a fixed order (deterministic for a
 given GPU; no atomics).
 
-``adamw_step`` launches one kernel per tensor (the C++/CUDA backends batch tensors per launch).
+``adamw_step`` launches one kernel per storage dtype over all its tensors, whose addresses it reads
+from a device table kept while the tensors stay where they are (:func:`_adamw_table`).
 The arguments passed :mod:`hpa_kernels.ops.schema`; this module only stages layouts
 (:mod:`hpa_kernels.ops._staging`) and launches. :mod:`hpa_kernels.ops` imports it on the first
 call that resolves to ``"triton"`` (importing triton is slow, and ``TRITON_INTERPRET`` must be set
@@ -120,15 +121,35 @@ def _load_grad(g_ptr, offs, mask, scale_ptr, HAS_SCALE: tl.constexpr, MAXIMIZE: 
 
 @triton.jit
 def _adamw_kernel(
-    p_ptr, g_ptr, m_ptr, v_ptr, step_ptr, lr_ptr, scale_ptr, inf_ptr, n,
+    table_ptr, num_tensors, lr_ptr, scale_ptr, inf_ptr,
     lr: tl.float64, log_beta1: tl.float64, log_beta2: tl.float64, beta1: tl.float64, beta2: tl.float64,
     eps: tl.float64, weight_decay: tl.float64,
+    DTYPE: tl.constexpr, SEARCH_STEPS: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr, MAXIMIZE: tl.constexpr, LR_PTR: tl.constexpr,
     BLOCK: tl.constexpr,
 ):  # fmt: skip
+    """AdamW over the tensors of one :func:`_adamw_table` (one storage dtype), BLOCK elements per
+    program. The program finds its tensor by a binary search over the table's first-block column
+    (SEARCH_STEPS = ceil(log2(num_tensors + 1)) halvings), then reads its addresses."""
+    block = tl.program_id(0)
+    first = table_ptr + 6 * num_tensors  # num_tensors + 1 first-block indices, the last = the grid size
+    lo = 0
+    hi = num_tensors
+    for _ in tl.static_range(SEARCH_STEPS):  # invariant: first[lo] <= block < first[hi]
+        mid = (lo + hi) // 2
+        below = tl.load(first + mid) <= block
+        lo = tl.where(below, mid, lo)
+        hi = tl.where(below, hi, mid)
+    t = lo
+    p_ptr = tl.load(table_ptr + t).to(tl.pointer_type(DTYPE), bitcast=True)
+    g_ptr = tl.load(table_ptr + num_tensors + t).to(tl.pointer_type(DTYPE), bitcast=True)
+    m_ptr = tl.load(table_ptr + 2 * num_tensors + t).to(tl.pointer_type(tl.float32), bitcast=True)
+    v_ptr = tl.load(table_ptr + 3 * num_tensors + t).to(tl.pointer_type(tl.float32), bitcast=True)
+    step_ptr = tl.load(table_ptr + 4 * num_tensors + t).to(tl.pointer_type(tl.float32), bitcast=True)
+    n = tl.load(table_ptr + 5 * num_tensors + t)
     if HAS_INF:
         n = tl.where(tl.load(inf_ptr) == 0.0, n, 0)  # GradScaler skip: nothing is read or written
-    offs = _block_offsets(tl.program_id(0), BLOCK)
+    offs = _block_offsets(block - tl.load(first + t), BLOCK)
     mask = offs < n
     step_size, bc2_sqrt, decay, lerp_w, b2, one_minus_b2, eps = _adamw_consts(
         step_ptr, lr_ptr, lr, log_beta1, log_beta2, beta1, beta2, eps, weight_decay, LR_PTR
@@ -140,7 +161,7 @@ def _adamw_kernel(
     p, m, v = _adamw_math(p, g, m, v, step_size, bc2_sqrt, decay, lerp_w, b2, one_minus_b2, eps)
     tl.store(m_ptr + offs, m, mask=mask)
     tl.store(v_ptr + offs, v, mask=mask)
-    tl.store(p_ptr + offs, _round_to(p, p_ptr.dtype.element_ty), mask=mask)
+    tl.store(p_ptr + offs, _round_to(p, DTYPE), mask=mask)
 
 
 @triton.jit
@@ -331,29 +352,74 @@ def adamw_step(tensors: AdamWTensors, hyper: AdamWHyper) -> None:
 
 
 def _adamw_launch(tensors: AdamWTensors, device: torch.device, hyper: AdamWHyper) -> None:
-    """The body of :func:`adamw_step`, on the tensors' device."""
+    """The body of :func:`adamw_step`, on the tensors' device: one launch per storage dtype, then
+    one ``torch._foreach_add_`` of the step counts (after the launches, which read them)."""
     staging = Staging()
     grad_scale, found_inf = hyper.grad_scale, hyper.found_inf
     lr_tensor, scalars = _hyper(hyper, device)
     scale_ptr = staging.scalar_tensor(grad_scale, device)
     inf_ptr = staging.scalar_tensor(found_inf, device)
     skip = _skip_flag(found_inf, device)
+    groups: dict[torch.dtype, list[tuple[Tensor, ...]]] = {}
+    steps = []
     for p, g, m, v, s in zip(*tensors):
         p_ = staging.dense(p)
-        g_ = staging.like(g, p_, dtype=p.dtype)
-        m_ = staging.like(m, p_, write_back=True)
-        v_ = staging.like(v, p_, write_back=True)
-        s_ = staging.dense(s.reshape(()), dtype=torch.float32, device=device)
-        n = p_.numel()
-        if n > 0:
-            grid = (triton.cdiv(n, _ADAMW_BLOCK),)
-            _adamw_kernel[grid](
-                p_, g_, m_, v_, s_, s_ if lr_tensor is None else lr_tensor, scale_ptr, inf_ptr, n, **scalars,
-                HAS_SCALE=grad_scale is not None, HAS_INF=found_inf is not None, MAXIMIZE=bool(hyper.maximize),
-                BLOCK=_ADAMW_BLOCK, **LAUNCH_OPTIONS,
-            )  # fmt: skip
-        s_.add_(1.0 if skip is None else (~skip).to(torch.float32))
+        entry = (
+            p_,
+            staging.like(g, p_, dtype=p.dtype),
+            staging.like(m, p_, write_back=True),
+            staging.like(v, p_, write_back=True),
+            staging.dense(s.reshape(()), dtype=torch.float32, device=device),
+        )
+        steps.append(entry[4])
+        if p_.numel() > 0:
+            staging.keep.extend(entry)  # the table holds addresses: keep every copy alive until finish
+            groups.setdefault(p.dtype, []).append(entry)
+    for dtype, entries in groups.items():
+        table, num_blocks = _adamw_table(entries, device)
+        _adamw_kernel[(num_blocks,)](
+            table, len(entries), entries[0][4] if lr_tensor is None else lr_tensor, scale_ptr, inf_ptr, **scalars,
+            DTYPE=_TL_DTYPES[dtype], SEARCH_STEPS=max(1, math.ceil(math.log2(len(entries) + 1))),
+            HAS_SCALE=grad_scale is not None, HAS_INF=found_inf is not None, MAXIMIZE=bool(hyper.maximize),
+            BLOCK=_ADAMW_BLOCK, **LAUNCH_OPTIONS,
+        )  # fmt: skip
+    torch._foreach_add_(steps, 1.0 if skip is None else (~skip).to(torch.float32))
     staging.finish()
+
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+_TABLES: dict[tuple, Tensor] = {}  # the last few device tables, by the addresses they hold
+_MAX_TABLES = 8
+
+
+def _adamw_table(entries: list[tuple[Tensor, ...]], device: torch.device) -> tuple[Tensor, int]:
+    """The device table one :func:`_adamw_kernel` launch reads, and its grid size: int64
+    ``[p addresses, g, m, v, step addresses, numels, first blocks (n + 1)]`` of the n tensors.
+
+    Kept by the addresses and sizes it holds, so a training loop whose tensors stay where they are
+    (parameters, moments, step counts; the caching allocator's gradients) copies it to the device
+    once, not every step; a new table goes through pinned memory without a host sync.
+    """
+    numels = [e[0].numel() for e in entries]
+    addresses = [t.data_ptr() for column in zip(*entries) for t in column]
+    key = (device, *addresses, *numels)
+    table = _TABLES.get(key)
+    blocks = [triton.cdiv(n, _ADAMW_BLOCK) for n in numels]
+    num_blocks = sum(blocks)
+    if table is None:
+        first = [0]
+        for b in blocks:
+            first.append(first[-1] + b)
+        host = torch.empty(len(addresses) + len(numels) + len(first), dtype=torch.int64)
+        host.numpy()[:] = addresses + numels + first
+        if device.type == "cuda":
+            table = host.pin_memory().to(device, non_blocking=True)
+        else:
+            table = host
+        if len(_TABLES) >= _MAX_TABLES:
+            _TABLES.pop(next(iter(_TABLES)))
+        _TABLES[key] = table
+    return table, num_blocks
 
 
 def hpa_reduce(w_prev: Tensor, w_new: Tensor) -> tuple[Tensor, Tensor, Tensor]:
