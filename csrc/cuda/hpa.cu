@@ -214,22 +214,33 @@ __global__ void finish_scalars_kernel(int64_t blocks, const float* dots, const f
   if (!skip) *step += 1.0f;
 }
 
+constexpr int kApplyRowsY = 8;       // thread rows of an apply block (kTileX x kApplyRowsY threads)
+constexpr int kApplyRowsBlock = 64;  // rows per apply block (each thread kApplyRowsBlock / kApplyRowsY)
+constexpr int64_t kMaxGridY = 65535;
+
+// (kTileX columns) x (kApplyRowsBlock rows) tiles, rows grid-strided past gridDim.y: a thread owns
+// column j (its mask bit read once) and steps down rows, so no element index is divided. A retained
+// column copies W_prev's bits and never reads W_new.
 template <int D>
-__global__ void apply_kernel(int64_t r, int64_t c, Mat prev, Mat next, Mat out, const uint8_t* mask, float coef,
-                             const float* coef_ptr) {
+__global__ void apply_kernel(int64_t r, int64_t c, Mat prev, Mat next, Mat out, const uint8_t* __restrict__ mask,
+                             float coef, const float* __restrict__ coef_ptr) {
   using S = Storage<D>;
   using Raw = typename S::Raw;
-  const Raw* P = reinterpret_cast<const Raw*>(prev.ptr);
-  const Raw* N = reinterpret_cast<const Raw*>(next.ptr);
-  Raw* O = reinterpret_cast<Raw*>(out.ptr);
+  const Raw* __restrict__ P = reinterpret_cast<const Raw*>(prev.ptr);
+  const Raw* __restrict__ N = reinterpret_cast<const Raw*>(next.ptr);
+  Raw* __restrict__ O = reinterpret_cast<Raw*>(out.ptr);
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kTileX + threadIdx.x;
+  if (j >= c) return;
   const float cf = coef_ptr != nullptr ? *coef_ptr : coef;
-  const int64_t n = r * c;
-  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < n;
-       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t i = idx / c, j = idx - i * c;
-    const Raw keep = P[offset2d(i, j, prev.stride0, prev.stride1)];
-    const Raw moved = S::store(S::load(N[offset2d(i, j, next.stride0, next.stride1)]) - cf * S::load(keep));
-    O[offset2d(i, j, out.stride0, out.stride1)] = mask[j] ? keep : moved;  // retained: W_prev's bits
+  const bool retained = mask[j] != 0;
+  const int64_t row_step = static_cast<int64_t>(gridDim.y) * kApplyRowsBlock;
+  for (int64_t base = static_cast<int64_t>(blockIdx.y) * kApplyRowsBlock; base < r; base += row_step) {
+    const int64_t end = base + kApplyRowsBlock < r ? base + kApplyRowsBlock : r;
+    for (int64_t i = base + threadIdx.y; i < end; i += kApplyRowsY) {
+      const Raw keep = P[offset2d(i, j, prev.stride0, prev.stride1)];
+      O[offset2d(i, j, out.stride0, out.stride1)] =
+          retained ? keep : S::store(S::load(N[offset2d(i, j, next.stride0, next.stride1)]) - cf * S::load(keep));
+    }
   }
 }
 
@@ -333,7 +344,10 @@ void reduce_launch(int64_t r, int64_t c, Mat prev, Mat next, double* part, cudaS
 template <int D>
 void apply_launch(int64_t r, int64_t c, Mat prev, Mat next, Mat out, const uint8_t* mask, float coef,
                   const float* coef_ptr, cudaStream_t s) {
-  apply_kernel<D><<<blocks_1d(r * c), kThreads, 0, s>>>(r, c, prev, next, out, mask, coef, coef_ptr);
+  const int64_t row_blocks = (r + kApplyRowsBlock - 1) / kApplyRowsBlock;
+  const dim3 grid(static_cast<unsigned>((c + kTileX - 1) / kTileX),
+                  static_cast<unsigned>(row_blocks < kMaxGridY ? row_blocks : kMaxGridY));
+  apply_kernel<D><<<grid, dim3(kTileX, kApplyRowsY), 0, s>>>(r, c, prev, next, out, mask, coef, coef_ptr);
 }
 
 template <int D>
