@@ -158,7 +158,9 @@ def plot(report: Report, path: Path) -> None:
             ax.plot([], [], marker=marker, color="w", mec="k", ms=9, ls="none", label=name)
     copy_gbps = report.bandwidth["gbps"]
     ax_bw.axhline(copy_gbps, color="k", lw=1, label=f"copy {copy_gbps:.1f} GB/s")
-    ax_bw.axhline(TARGETS["bandwidth"] * copy_gbps, color="k", lw=1, ls=":", label="60% of copy")
+    ax_bw.axhline(
+        TARGETS["bandwidth"] * copy_gbps, color="k", lw=1, ls=":", label=f"{TARGETS['bandwidth']:.0%} of copy"
+    )
     ax_ratio.axhline(TARGETS["plain"], color="k", lw=1, label="plain target 1.0×")
     ax_ratio.axhline(TARGETS["online"], color="k", lw=1, ls=":", label="online target 1.15×")
     for ax, title, ylabel in (
