@@ -25,6 +25,7 @@ from hpa_kernels import ops
 from .harness import peak_rss_bytes, reset_peak_rss, rss_bytes, run_probe
 from .workloads import (
     MINILM_L6,
+    ONLINE_KINDS,
     ModelSpec,
     build_model,
     hinv_vectors,
@@ -70,7 +71,7 @@ def _probe(model, variant, task: bool) -> dict:
     params = sum(p.numel() for p in model.parameters())
     return {
         "variant": variant.name + (" +task" if task and variant.kind == "hpa-plain" else ""),
-        "task": task or variant.kind == "hpa-online",
+        "task": task or variant.kind in ONLINE_KINDS,
         "params": params,
         "state_bytes": state_bytes(opt),
         "peak_bytes": peak_rss_bytes() - base if exact else None,

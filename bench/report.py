@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> Report:
             "budget_s": args.budget,
             "reference_max_params": args.reference_max,
             "auto_backend": ours,
-            "online_step": "HPAOptimizer(online=True)",
+            "online_step": "HPAOptimizer(online=True), online_projection 'exact' (hpa-online) and 'lagged'",
             "memory_set": args.memory_set,
             "loadavg_start": [round(x, 2) for x in os.getloadavg()],
         },

@@ -256,13 +256,17 @@ def device_backends(device: torch.device | str) -> list[str]:
     return [b for b in ops.available_backends() if b in wanted]
 
 
+ONLINE_KINDS = {"hpa-online": "exact", "hpa-online-lagged": "lagged"}  # StepVariant.kind -> online_projection
+
+
 @dataclass(frozen=True)
 class StepVariant:
     """One optimizer configuration whose ``step()`` is timed.
 
     Attributes:
         name: row label (``adamw-fused``, ``hpa-plain[cpu]``, ...).
-        kind: ``"adamw"``, ``"hpa-plain"`` or ``"hpa-online"``.
+        kind: ``"adamw"``, ``"hpa-plain"``, ``"hpa-online"`` (the exact projection) or
+            ``"hpa-online-lagged"`` (the lagged one, ``HPAConfig.online_projection``).
         option: ``"foreach"`` / ``"fused"`` for AdamW, the backend name for HPA.
     """
 
@@ -272,28 +276,30 @@ class StepVariant:
 
 
 def step_variants(device: torch.device | str = "cpu") -> list[StepVariant]:
-    """torch AdamW (foreach, fused), then HPAOptimizer plain and online on every backend of ``device``."""
+    """torch AdamW (foreach, fused), then HPAOptimizer plain, online (exact) and online (lagged) on
+    every backend of ``device``."""
     variants = [StepVariant("adamw-foreach", "adamw", "foreach"), StepVariant("adamw-fused", "adamw", "fused")]
     for backend in device_backends(device):
         variants.append(StepVariant(f"hpa-plain[{backend}]", "hpa-plain", backend))
-    for backend in device_backends(device):
-        variants.append(StepVariant(f"hpa-online[{backend}]", "hpa-online", backend))
+    for kind in ONLINE_KINDS:
+        for backend in device_backends(device):
+            variants.append(StepVariant(f"{kind}[{backend}]", kind, backend))
     return variants
 
 
 def make_optimizer(variant: StepVariant, model: ShapedModel):
     """The optimizer of ``variant`` over every parameter of ``model`` (same hyperparameters for all).
 
-    ``hpa-online``: ``HPAOptimizer(hpa=HPAConfig(online=True))`` with a task open, so that the
-    W_prev snapshots are part of its state.
+    ``hpa-online`` / ``hpa-online-lagged``: ``HPAOptimizer(hpa=HPAConfig(online=True,
+    online_projection="exact" / "lagged"))`` with a task open, so that the W_prev snapshots are
+    part of its state.
     """
     if variant.kind == "adamw":
         params = list(model.parameters())
         return torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY, **{variant.option: True})
-    online = variant.kind == "hpa-online"
-    opt = HPAOptimizer.from_model(
-        model, lr=LR, weight_decay=WEIGHT_DECAY, hpa=HPAConfig(online=online), backend=variant.option
-    )
+    online = variant.kind in ONLINE_KINDS
+    hpa = HPAConfig(online=online, online_projection=ONLINE_KINDS.get(variant.kind, "exact"))
+    opt = HPAOptimizer.from_model(model, lr=LR, weight_decay=WEIGHT_DECAY, hpa=hpa, backend=variant.option)
     if online:
         opt.begin_task(hinv_safety=hinv_vectors(model, opt.hpa_layers, seed=1))
     return opt
@@ -303,12 +309,13 @@ def step_bytes(variant: StepVariant, model: ShapedModel) -> int:
     """Bytes one step moves: every tensor a fused kernel must read or write, once.
 
     AdamW: reads p, g (storage dtype) and m, v (fp32), writes p, m, v. The online step also reads
-    W_prev (storage dtype) and the column mask (bits) of every managed layer.
+    W_prev (storage dtype) and the column mask (bits) of every managed layer (the lagged
+    projection's one pass moves just that; the exact one's second pass is not counted).
     """
     total = 0
     for p in model.parameters():
         total += p.numel() * (3 * p.element_size() + 16)
-    if variant.kind == "hpa-online":
+    if variant.kind in ONLINE_KINDS:
         for block in model.blocks:
             for s in model.spec.linears:
                 weight = getattr(block, s.name).weight

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 
 SELECTION_MODES = ("balanced", "safety_only", "balance_only")
+ONLINE_PROJECTIONS = ("exact", "lagged")
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,12 @@ class HPAConfig:
             See :mod:`hpa_kernels.layers` for the whole rule.
         online: apply the current column mask and the orthogonal constraint inside
             every training step (:func:`hpa_kernels.ops.online_step`).
+        online_projection: with ``online`` and ``orthogonal``, how each step applies Step 3's
+            projection (:class:`hpa_kernels.ops.OnlineProjection`): ``"exact"`` removes the step's
+            own component c'·W_prev in a second pass, so ΔW ⟂ W_prev after every step;
+            ``"lagged"`` applies the previous step's coefficient in the AdamW pass itself (one
+            pass over the weights) and leaves the component c_next·W_prev to the next step
+            (``end_task``'s edit re-projects exactly).
         refresh_every: with ``online``, recompute the column mask every this many steps
             (0: keep the mask of the task's start, which retains nothing).
         safety_samples, task_samples: calibration set sizes the runners use (8, 128).
@@ -59,6 +66,7 @@ class HPAConfig:
     include: tuple[str, ...] = field(default_factory=tuple)
     exclude: tuple[str, ...] = field(default_factory=tuple)
     online: bool = False
+    online_projection: str = "exact"
     refresh_every: int = 0
     safety_samples: int = 8
     task_samples: int = 128
@@ -92,6 +100,10 @@ class HPAConfig:
             if not all(isinstance(item, str) and item for item in value):
                 raise ValueError(f"HPAConfig.{name} must hold non-empty strings, got {value!r}")
             object.__setattr__(self, name, value)
+        if self.online_projection not in ONLINE_PROJECTIONS:
+            raise ValueError(
+                f"HPAConfig.online_projection must be one of {ONLINE_PROJECTIONS}, got {self.online_projection!r}"
+            )
         if not isinstance(self.refresh_every, int) or self.refresh_every < 0:
             raise ValueError(f"HPAConfig.refresh_every must be an int >= 0, got {self.refresh_every!r}")
         for name in ("safety_samples", "task_samples"):

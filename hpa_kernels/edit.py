@@ -113,7 +113,8 @@ def snapshot_layers(
     ``hpa_prev``: W_prev, a contiguous copy of the working tensor (the fp32 master copy, or the
     weight), or for a PEFT LoRA layer the merged weight; ``hpa_hinv_safety``: an fp32 copy of
     its safety diag(H⁻¹) on the weight's device; in online mode ``hpa_mask`` (bool (c,), nothing
-    retained until the first refresh) and ``hpa_col_energy`` (fp32 (c,) zeros).
+    retained until the first refresh), ``hpa_col_energy`` (fp32 (c,) zeros) and
+    ``hpa_online_coef`` (fp32 0-d zero: no lagged component pending).
     """
     for name, layer in layers.items():
         weight = layer.module.weight
@@ -127,6 +128,7 @@ def snapshot_layers(
             columns = layer.in_features
             state["hpa_mask"] = torch.zeros(columns, dtype=torch.bool, device=weight.device)
             state["hpa_col_energy"] = torch.zeros(columns, dtype=torch.float32, device=weight.device)
+            state["hpa_online_coef"] = torch.zeros((), dtype=torch.float32, device=weight.device)
 
 
 def plan_edits(

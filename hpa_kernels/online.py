@@ -3,19 +3,27 @@ of its retained-column mask, on the state HPAOptimizer keeps for it.
 
 Invariants after every online step and every refresh, for a managed weight W (r, c) with
 snapshot W_prev and mask M (the retained columns): W[:, M] == W_prev[:, M], and with
-``orthogonal=True`` the free part of ΔW = W − W_prev is orthogonal to W_prev[:, ~M]
-(⟨ΔW[:, ~M], W_prev[:, ~M]⟩ = 0 up to rounding).
+``orthogonal=True`` (HPA_SPEC.md Step 3 on the free columns, up to rounding):
+
+* ``online_projection="exact"``: the free part of ΔW = W − W_prev is orthogonal to W_prev[:, ~M]
+  (⟨ΔW[:, ~M], W_prev[:, ~M]⟩ = 0);
+* ``online_projection="lagged"``: ⟨ΔW[:, ~M] − c_next·W_prev[:, ~M], W_prev[:, ~M]⟩ = 0 with
+  c_next = ``state["hpa_online_coef"]``, the component the next step removes (each step applies the
+  previous step's coefficient in its AdamW pass, :func:`hpa_kernels.ops.online_step`); after a
+  refresh c_next = 0, so the exact invariant holds there, and ``end_task``'s edit re-projects
+  exactly, so a task's final weights satisfy Step 3's invariant in full.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from . import ops
+from .config import HPAConfig
 from .functional import column_scores_from_energy, count_columns, projection_coef, top_columns
 from .optim_state import adamw_hyperparameters
 
@@ -23,31 +31,35 @@ from .optim_state import adamw_hyperparameters
 def online_layer_step(
     working: Tensor,
     grad: Tensor,
-    state: Mapping[str, Tensor],
+    state: MutableMapping[str, Tensor],
     prev: Tensor,
     group: Mapping[str, Any],
     *,
-    orthogonal: bool,
+    config: HPAConfig,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
     backend: str,
 ) -> None:
     """One online step of one managed weight, in place (:func:`hpa_kernels.ops.online_step`):
-    AdamW, the retained columns back to W_prev, ΔW made orthogonal to W_prev, and the attempted
-    update's column energies accumulated into ``state["hpa_col_energy"]``.
+    AdamW, the retained columns back to W_prev, ΔW made orthogonal to W_prev (exact), or the
+    previous step's component removed and the next one stored in ``state["hpa_online_coef"]``
+    (lagged), and the attempted update's column energies accumulated into ``state["hpa_col_energy"]``.
 
     Args:
         working: (r, c) the tensor the step updates (the fp32 master copy, or the weight).
         grad: (r, c) its gradient, in ``working``'s dtype.
         state: the weight's optimizer state (``exp_avg``, ``exp_avg_sq``, ``step``, ``hpa_mask``,
-            ``hpa_col_energy``).
+            ``hpa_col_energy``, ``hpa_online_coef``: fp32 0-d, c_prev of the lagged projection).
         prev: (r, c) W_prev in ``working``'s dtype.
         group: the weight's param group (``lr``, ``betas``, ``eps``, ``weight_decay``, ``maximize``).
-        orthogonal: remove ΔW's component along W_prev (HPA_SPEC.md Step 3).
+        config: ``orthogonal`` (HPA_SPEC.md Step 3) and ``online_projection``.
         grad_scale, found_inf: the AMP ``GradScaler`` tensors, or ``None``.
         backend: kernels backend name (``"auto"`` allowed).
     """
-    ops.online_step(
+    lagged = config.orthogonal and config.online_projection == "lagged"
+    coef = state["hpa_online_coef"] if lagged else 0.0
+    projection = ops.OnlineProjection(config.orthogonal, config.online_projection, coef)
+    next_coef = ops.online_step(
         working,
         grad,
         state["exp_avg"],
@@ -59,9 +71,11 @@ def online_layer_step(
         **adamw_hyperparameters(group),
         grad_scale=grad_scale,
         found_inf=found_inf,
-        orthogonal=orthogonal,
+        projection=projection,
         backend=backend,
     )
+    if lagged:
+        state["hpa_online_coef"].copy_(next_coef)
 
 
 def refresh_mask(
@@ -76,11 +90,13 @@ def refresh_mask(
     norm: :func:`hpa_kernels.functional.column_scores_from_energy` of the fp32 accumulator, the
     offline scores' arithmetic); E is then reset. Newly retained columns return to W_prev at once
     and ΔW is re-projected over the free columns (coefficient in fp64), so the module's invariants
-    hold from here on, not only after the next step.
+    hold from here on, not only after the next step; the lagged projection's pending coefficient
+    ``hpa_online_coef`` is then 0.
 
     Args:
         state: the weight's optimizer state (``hpa_mask`` bool (c,), ``hpa_col_energy`` fp32 (c,),
-            ``hpa_hinv_safety`` fp32 (c,)); the mask and energies are updated in place.
+            ``hpa_hinv_safety`` fp32 (c,), ``hpa_online_coef`` fp32 0-d); the mask, energies and
+            coefficient are updated in place.
         prev: (r, c) W_prev in ``working``'s dtype.
         working: (r, c) the tensor steps update; rewritten in place.
         retain_ratio: p_l.
@@ -93,6 +109,7 @@ def refresh_mask(
     mask[top_columns(eps_bar, count_columns(retain_ratio, columns))] = True
     state["hpa_mask"].copy_(mask)
     state["hpa_col_energy"].zero_()
+    state["hpa_online_coef"].zero_()
     free_prev = prev.double()[:, ~mask]
     norm_sq = float(free_prev.square().sum())
     dot = float(((working.double()[:, ~mask] - free_prev) * free_prev).sum())

@@ -255,8 +255,9 @@ class HPAOptimizer(Optimizer):
         Per-parameter state: ``step`` (fp32 0-d), ``exp_avg``, ``exp_avg_sq`` (fp32; float64 for
         float64 parameters, which only the ``"torch"`` backend steps) and, during a
         task, ``hpa_prev`` (W_prev, the parameter's dtype) and ``hpa_hinv_safety`` (fp32 (c,));
-        with master weights, ``master_param`` (fp32); in online mode, ``hpa_mask`` (bool (c,)) and
-        ``hpa_col_energy`` (fp32 (c,)). ``"hpa"`` also counts the online steps and lists, as plain dicts, the
+        with master weights, ``master_param`` (fp32); in online mode, ``hpa_mask`` (bool (c,)),
+        ``hpa_col_energy`` (fp32 (c,)) and ``hpa_online_coef`` (fp32 0-d, the lagged projection's
+        pending coefficient). ``"hpa"`` also counts the online steps and lists, as plain dicts, the
         layers a failed ``end_task`` already edited (``"edited"``), so a resumed retry skips them.
         """
         state = super().state_dict()
@@ -303,6 +304,10 @@ class HPAOptimizer(Optimizer):
         self._tasks_completed = int(lifecycle["tasks_completed"])
         self._online_steps = int(lifecycle.get("online_steps", 0))
         self._edited = {name: LayerReport(**report) for name, report in lifecycle.get("edited", {}).items()}
+        if self._in_task and self.hpa.online:
+            for layer in self.hpa_layers.values():  # a state without a pending lagged coefficient has none
+                weight = layer.module.weight
+                self.state[weight].setdefault("hpa_online_coef", torch.zeros((), device=weight.device))
 
     @property
     def in_task(self) -> bool:
@@ -382,9 +387,10 @@ class HPAOptimizer(Optimizer):
         grad_scale: Tensor | None,
         found_inf: Tensor | None,
     ) -> None:
-        """The online HPA step of each managed weight (``ops.online_step``):
-        AdamW, then the retained columns back to W_prev and ΔW made orthogonal to W_prev; every
-        ``refresh_every`` steps a new column mask from the accumulated update energies."""
+        """The online HPA step of each managed weight (:func:`online.online_layer_step`):
+        AdamW, then the retained columns back to W_prev and ΔW made orthogonal to W_prev (exactly,
+        or but for the lagged coefficient the next step removes); every ``refresh_every`` steps a
+        new column mask from the accumulated update energies."""
         for name, group in online_weights.values():
             weight = self.hpa_layers[name].module.weight
             working = self._working_weight(weight)
@@ -394,7 +400,7 @@ class HPAOptimizer(Optimizer):
                 self.state[weight],
                 self._snapshot(weight),
                 group,
-                orthogonal=self.hpa.orthogonal,
+                config=self.hpa,
                 grad_scale=grad_scale,
                 found_inf=found_inf,
                 backend=self.backend,

@@ -31,8 +31,10 @@ ADAMW_GROUP_KEYS = {
 PARAM_SHAPED_STATE = ("exp_avg", "exp_avg_sq", "hpa_prev", "master_param")
 # Per-parameter state with one entry per HPA column (the layer's input features).
 COLUMN_STATE = ("hpa_hinv_safety", "hpa_mask", "hpa_col_energy")
+# Per-parameter one-element state: the lagged online projection's pending coefficient c_next.
+SCALAR_STATE = ("hpa_online_coef",)
 # Per-parameter state that exists only inside a task.
-TASK_STATE = ("hpa_prev", *COLUMN_STATE)
+TASK_STATE = ("hpa_prev", *COLUMN_STATE, *SCALAR_STATE)
 _LOW_PRECISION = (torch.bfloat16, torch.float16, torch.int64)
 
 
@@ -124,7 +126,8 @@ def check_saved_state(
         names: ``{id(parameter): name}`` for the messages.
 
     Raises:
-        ValueError: a parameter-shaped or column state whose shape does not fit, naming both.
+        ValueError: a parameter-shaped, column or one-element state whose shape does not fit,
+            naming both.
     """
     for saved_id, saved_state in saved.items():
         param = by_id.get(saved_id)
@@ -142,6 +145,11 @@ def check_saved_state(
                 raise ValueError(
                     f"HPAOptimizer.load_state_dict: state {key!r} of {label!r} has shape {tuple(value.shape)}, "
                     f"expected {columns}"
+                )
+            if key in SCALAR_STATE and isinstance(value, Tensor) and value.numel() != 1:
+                raise ValueError(
+                    f"HPAOptimizer.load_state_dict: state {key!r} of {label!r} has shape {tuple(value.shape)}, "
+                    "expected one element"
                 )
 
 

@@ -55,13 +55,14 @@ void hpa_apply(int dtype, int64_t r, int64_t c, uintptr_t prev, int64_t ps0, int
 double online_step(int dtype, int64_t r, int64_t c, uintptr_t param, uintptr_t grad, uintptr_t exp_avg,
                    uintptr_t exp_avg_sq, uintptr_t step, uintptr_t w_prev, uintptr_t mask, uintptr_t col_energy,
                    double lr, double beta1, double beta2, double eps, double weight_decay, bool maximize,
-                   uintptr_t grad_scale, uintptr_t found_inf, bool orthogonal) {
+                   uintptr_t grad_scale, uintptr_t found_inf, int projection, double lag_coef) {
   const hpa::AdamWHyper hyper{lr, beta1, beta2, eps, weight_decay, maximize};
+  const hpa::cpu::Projection proj{projection, lag_coef};
   py::gil_scoped_release release;
   return hpa::cpu::online_step(dtype, r, c, param, grad, reinterpret_cast<float*>(exp_avg),
                                reinterpret_cast<float*>(exp_avg_sq), reinterpret_cast<float*>(step), w_prev,
                                reinterpret_cast<const uint8_t*>(mask), reinterpret_cast<float*>(col_energy), hyper,
-                               ptr_or_null<float>(grad_scale), ptr_or_null<float>(found_inf), orthogonal);
+                               ptr_or_null<float>(grad_scale), ptr_or_null<float>(found_inf), proj);
 }
 
 py::tuple split_range(int64_t n, int64_t parts, int64_t k) {

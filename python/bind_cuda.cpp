@@ -52,10 +52,11 @@ void hpa_apply(int dtype, int64_t r, int64_t c, uintptr_t prev, int64_t ps0, int
 void online_step(int dtype, int64_t r, int64_t c, uintptr_t param, uintptr_t grad, uintptr_t exp_avg,
                  uintptr_t exp_avg_sq, uintptr_t step, uintptr_t w_prev, uintptr_t mask, uintptr_t col_energy, double lr,
                  double beta1, double beta2, double eps, double weight_decay, bool maximize, uintptr_t grad_scale,
-                 uintptr_t found_inf, bool orthogonal, uintptr_t coef_out, uintptr_t workspace, uintptr_t stream) {
+                 uintptr_t found_inf, int projection, uintptr_t lag_coef, uintptr_t coef_out, uintptr_t workspace,
+                 uintptr_t stream) {
   const hpa::AdamWHyper hyper{lr, beta1, beta2, eps, weight_decay, maximize};
   check(hpa::cuda::online_step(dtype, r, c, param, grad, exp_avg, exp_avg_sq, step, w_prev, mask, col_energy, hyper,
-                               grad_scale, found_inf, orthogonal, coef_out, workspace, stream));
+                               grad_scale, found_inf, projection, lag_coef, coef_out, workspace, stream));
 }
 
 }  // namespace

@@ -12,6 +12,7 @@ def test_config_validates_itself():
         {"alpha_bounds": (0.9, 0.1)},
         {"damping": 0},
         {"refresh_every": -1},
+        {"online_projection": "delayed"},
         {"extra_layers": "head"},
         {"p_max": float("nan")},
     ):
@@ -26,3 +27,10 @@ def test_include_and_exclude_are_tuples_of_patterns():
     for kwargs in ({"include": "*vision*"}, {"exclude": ("",)}, {"include": (3,)}):
         with pytest.raises(ValueError):
             HPAConfig(**kwargs)
+
+
+def test_online_projection_names_its_choices():
+    assert HPAConfig().online_projection == "exact"
+    assert HPAConfig(online=True, online_projection="lagged").online_projection == "lagged"
+    with pytest.raises(ValueError, match=r"online_projection must be one of \('exact', 'lagged'\)"):
+        HPAConfig(online_projection="Lagged")

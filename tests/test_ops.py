@@ -153,15 +153,22 @@ def _online_inputs(shape, dtype, gen):
         "w_prev": w_prev,
         "mask": torch.rand(shape[1], generator=gen) < 0.3,
         "col_energy": _rand(gen, (shape[1],), torch.float32, positive=True),
+        "lag_coef": torch.tensor(-0.0390625, dtype=torch.float64),  # c_prev: exact in every storage dtype
     }
 
 
-def _online_call(x, backend, dtype):
+def _online_call(x, backend, dtype, mode="exact"):
+    projection = ops.OnlineProjection(mode=mode, coef=x["lag_coef"])
     coef = ops.online_step(
         x["param"], x["grad"], x["exp_avg"], x["exp_avg_sq"], x["state_step"], x["w_prev"], x["mask"],
-        x["col_energy"], **HYPER, maximize=dtype == torch.float16, grad_scale=x["grad_scale"], backend=backend,
+        x["col_energy"], **HYPER, maximize=dtype == torch.float16, grad_scale=x["grad_scale"],
+        projection=projection, backend=backend,
     )  # fmt: skip
     return [x["param"], x["exp_avg"], x["exp_avg_sq"], x["state_step"], x["col_energy"], coef]
+
+
+def _online_lagged_call(x, backend, dtype):
+    return _online_call(x, backend, dtype, mode="lagged")
 
 
 # Per op: inputs, call, the storage dtype of each input (None: keep the float64 master's
@@ -171,7 +178,9 @@ OPS = {
     "hpa_reduce": (_reduce_inputs, _reduce_call, {"w_prev": "dtype", "w_new": "dtype"}, ("w_prev", "w_new"), "w_new"),
     "hpa_apply": (_apply_inputs, _apply_call, {"w_prev": "dtype", "w_new": "dtype", "out": "dtype"}, ("w_prev", "w_new", "out"), "w_new"),
     "online_step": (_online_inputs, _online_call, {"param": "dtype", "grad": "dtype", "w_prev": "dtype"}, ("param", "grad", "exp_avg", "exp_avg_sq", "w_prev"), "grad"),
+    "online_step_lagged": (_online_inputs, _online_lagged_call, {"param": "dtype", "grad": "dtype", "w_prev": "dtype"}, ("param", "grad", "exp_avg", "exp_avg_sq", "w_prev"), "grad"),
 }  # fmt: skip
+ONLINE_OPS = ("online_step", "online_step_lagged")
 
 
 def _materialise(master: dict, op: str, dtype: torch.dtype, device: str, layout: str) -> dict:
@@ -198,7 +207,7 @@ def _materialise(master: dict, op: str, dtype: torch.dtype, device: str, layout:
     for name, value in master.items():
         out[name] = [convert(name, t) for t in value] if isinstance(value, list) else convert(name, value)
     scale = torch.tensor(2.0, device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
-    out["grad_scale"] = scale if op in ("adamw_step", "online_step") else None
+    out["grad_scale"] = scale if op in ("adamw_step", *ONLINE_OPS) else None
     return out
 
 
@@ -212,13 +221,13 @@ def _floor(op: str, index: int, truth: torch.Tensor, master: dict, dtype: torch.
         if index == 1:  # ⟨ΔW, W_prev⟩: signed, scale by Σ|terms|
             scale = ((master["w_new"] - w).abs() * w.abs()).sum().item()
         return 8 * math.sqrt(n) * eps32 * scale
-    if op == "online_step" and index == 4:  # col_energy: fp32 sums over r rows
+    if op in ONLINE_OPS and index == 4:  # col_energy: fp32 sums over r rows
         return 8 * math.sqrt(max(1, master["param"].shape[0])) * eps32 * scale
-    if op == "online_step" and index == 5:  # c': a ratio of sums over the matrix, of rounded values
+    if op in ONLINE_OPS and index == 5:  # c' / c_next: a ratio of sums over the matrix, of rounded values
         p = master["w_prev"]
         return 8 * math.sqrt(max(1, p.numel())) * torch.finfo(dtype).eps * max(scale, 1e-3)
     out_dtype = torch.float32
-    if (op == "adamw_step" and index < 2) or op == "hpa_apply" or (op == "online_step" and index == 0):
+    if (op == "adamw_step" and index < 2) or op == "hpa_apply" or (op in ONLINE_OPS and index == 0):
         out_dtype = dtype
     return torch.finfo(out_dtype).eps * scale  # one unit in the last place at the largest |value|
 
@@ -328,7 +337,9 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.detach().reshape(-1).view(torch.uint8) if t.dtype != torch.bool else t
 
 
-def _online_run(backend, device, dtype, shape, steps, seed=3, orthogonal=True):
+def _online_run(backend, device, dtype, shape, steps, seed=3, orthogonal=True, mode="exact"):
+    """``steps`` online steps from W = W_prev; lagged, each step applies the coefficient the
+    previous one returned (``state["coef"]``, what HPAOptimizer keeps as ``hpa_online_coef``)."""
     gen = torch.Generator().manual_seed(seed)
     w_prev = torch.randn(shape, generator=gen).to(device, dtype)
     state = {
@@ -337,13 +348,15 @@ def _online_run(backend, device, dtype, shape, steps, seed=3, orthogonal=True):
         "exp_avg_sq": torch.zeros(shape, device=device),
         "state_step": torch.tensor(0.0, device=device),
         "col_energy": torch.zeros(shape[1], device=device),
+        "coef": torch.zeros((), device=device),
     }
     mask = (torch.rand(shape[1], generator=gen) < 0.15).to(device)
     for _ in range(steps):
         grad = torch.randn(shape, generator=gen).to(device, dtype)
-        ops.online_step(
+        state["coef"] = ops.online_step(
             state["param"], grad, state["exp_avg"], state["exp_avg_sq"], state["state_step"], w_prev, mask,
-            state["col_energy"], **HYPER, orthogonal=orthogonal, backend=backend,
+            state["col_energy"], **HYPER, projection=ops.OnlineProjection(orthogonal, mode, state["coef"]),
+            backend=backend,
         )  # fmt: skip
         yield state, w_prev, mask
 
@@ -370,6 +383,71 @@ def test_online_step_invariants(backend, device, dtype_name):
     state, w_prev, mask = list(_online_run(backend, device, torch.float32, shape, steps=2, orthogonal=False))[-1]
     delta = state["param"].double() - w_prev.double()
     assert (delta * w_prev.double()).sum().abs() > 1e-3 * delta.norm() * w_prev.double().norm()
+
+
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+def test_lagged_online_step_invariants(backend, device, dtype_name):
+    """The lagged projection's invariants after every step: retained columns bit-equal to W_prev,
+    and ⟨ΔW − c_next·W_prev, W_prev⟩ = 0 over the free columns (c_next the coefficient returned),
+    to the fp32 accumulation error of the sums (Σ|terms| relative): ΔW is orthogonal to W_prev but
+    for the component the next step removes. Without applying c_prev the pending part grows."""
+    dtype = DTYPES[dtype_name]
+    shape = (64, 48) if backend != "triton" or HAS_GPU else (32, 24)
+    for state, w_prev, mask in _online_run(backend, device, dtype, shape, steps=5, mode="lagged"):
+        w = state["param"]
+        assert torch.equal(_bits(w[:, mask].contiguous()), _bits(w_prev[:, mask].contiguous()))
+        free_prev = w_prev.double()[:, ~mask]
+        delta = w.double()[:, ~mask] - free_prev
+        assert delta.abs().max() > 0  # the step moved the free columns
+        c_next = state["coef"].item()
+        assert c_next != 0.0
+        residual = ((delta - c_next * free_prev) * free_prev).sum().abs().item()
+        terms = (delta.abs() * free_prev.abs()).sum().item() + abs(c_next) * free_prev.square().sum().item()
+        assert residual <= 64 * math.sqrt(free_prev.numel()) * torch.finfo(torch.float32).eps * terms
+    # The component pending after 5 lagged steps is one step's, not 5 steps' (unprojected, it adds up).
+    unprojected = list(_online_run(backend, device, dtype, shape, steps=5, orthogonal=False))[-1]
+    delta = unprojected[0]["param"].double() - unprojected[1].double()
+    free = ~unprojected[2]
+    pending = (delta[:, free] * unprojected[1].double()[:, free]).sum().abs().item()
+    assert abs(c_next) * free_prev.square().sum().item() < 0.5 * pending
+
+
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+def test_lagged_step_with_zero_coefficient_is_pass_one_of_the_exact_step(backend, device):
+    """c_prev = 0: the lagged step writes the exact step's pass 1 (the unprojected step, bit for
+    bit: parameter, moments, energies) and returns the exact step's c'."""
+    shape = (17, 33)
+    lagged, _, _ = list(_online_run(backend, device, torch.bfloat16, shape, steps=1, mode="lagged"))[-1]
+    exact, _, _ = list(_online_run(backend, device, torch.bfloat16, shape, steps=1))[-1]
+    unprojected, _, _ = list(_online_run(backend, device, torch.bfloat16, shape, steps=1, orthogonal=False))[-1]
+    for key in ("param", "exp_avg", "exp_avg_sq", "state_step", "col_energy"):
+        assert torch.equal(_bits(lagged[key]), _bits(unprojected[key])), key
+    assert lagged["coef"].item() == exact["coef"].item() != 0.0
+    assert unprojected["coef"].item() == 0.0
+
+
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+def test_skipped_lagged_step_keeps_its_coefficient(backend, device):
+    """A GradScaler skip (found_inf ≠ 0) in lagged mode changes nothing and returns c_prev, so the
+    pending coefficient survives the skipped step."""
+    x = _amp_inputs(device)
+    before = {k: v.clone() for k, v in x.items()}
+    c_prev = torch.tensor(0.125, device=device)
+    coef = ops.online_step(
+        x["param"], x["grad"], x["exp_avg"], x["exp_avg_sq"], x["state_step"], x["w_prev"], x["mask"],
+        x["col_energy"], **HYPER, grad_scale=torch.tensor(1024.0, device=device),
+        found_inf=torch.tensor(1.0, device=device), projection=ops.OnlineProjection(mode="lagged", coef=c_prev),
+        backend=backend,
+    )  # fmt: skip
+    for k, v in x.items():
+        assert torch.equal(_bits(v), _bits(before[k])), k
+    assert coef.item() == 0.125 and coef.shape == () and coef.dtype == torch.float32
+
+
+def test_online_projection_refuses_unknown_modes():
+    with pytest.raises(ValueError, match="OnlineProjection.mode must be one of"):
+        ops.OnlineProjection(mode="delayed")
 
 
 @pytest.mark.parametrize("backend,device", ALL_BACKENDS)
@@ -715,11 +793,12 @@ flags = {"HAS_SCALE": True, "HAS_INF": True, "MAXIMIZE": False, "LR_PTR": True}
 f32 = "*fp32"
 adamw = {"table_ptr": "*i64", "num_tensors": "i32", "lr_ptr": f32, "scale_ptr": f32, "inf_ptr": f32, **hyper}
 online = {"p_ptr": "*bf16", "g_ptr": "*bf16", "m_ptr": f32, "v_ptr": f32, "w_ptr": "*bf16", "mask_ptr": "*u8",
-          "step_ptr": f32, "lr_ptr": f32, "scale_ptr": f32, "inf_ptr": f32, "col_ptr": f32, "dot_ptr": f32,
+          "step_ptr": f32, "lr_ptr": f32, "scale_ptr": f32, "inf_ptr": f32, "lag_ptr": f32, "col_ptr": f32, "dot_ptr": f32,
           "norm_ptr": f32, "r": "i64", "c": "i64", "rows_per_chunk": "i64", **hyper}
 with open(sys.argv[1], "w") as out:
     out.write(ptx(tk._adamw_kernel, adamw, {**flags, "DTYPE": tk.tl.bfloat16, "SEARCH_STEPS": 3, "BLOCK": 1024}))
-    out.write(ptx(tk._online_pass1_kernel, online, {**flags, "BLOCK_R": 32, "BLOCK_C": 64}))
+    for lagged in (False, True):
+        out.write(ptx(tk._online_pass1_kernel, online, {**flags, "LAGGED": lagged, "BLOCK_R": 32, "BLOCK_C": 64}))
 """
 
 

@@ -165,7 +165,9 @@ void apply_row_base(const typename Storage<D>::Raw* pr, const typename Storage<D
 }
 
 // Online step pass 1 on columns [j0, j1) of one row: AdamW, retained columns reset to W_prev,
-// column energies, and the row's <dW, W_prev> and ||W_prev (1 - M)||^2 terms.
+// column energies, and the row's <dW, W_prev> and ||W_prev (1 - M)||^2 terms of the values written.
+// kLagged: the free columns get round(W_a - lag W_prev) (the previous step's coefficient, applied in
+// this pass), else round(W_a).
 template <int D>
 struct OnlineRow {
   typename Storage<D>::Raw* pr;
@@ -177,9 +179,9 @@ struct OnlineRow {
   float* acc;
 };
 
-template <int D, bool kScaled, bool kLowWeight>
+template <int D, bool kScaled, bool kLowWeight, bool kLagged>
 HPA_ALWAYS_INLINE void online_seg(const OnlineRow<D>& row, int64_t j0, int64_t j1, const AdamWStepConsts& kc,
-                                  float scale, float sign, float* dot_out, float* norm_out) {
+                                  float scale, float sign, float lag, float* dot_out, float* norm_out) {
   using S = Storage<D>;
   using Raw = typename S::Raw;
   Raw* __restrict pr = row.pr;
@@ -205,7 +207,7 @@ HPA_ALWAYS_INLINE void online_seg(const OnlineRow<D>& row, int64_t j0, int64_t j
     acc[j] += u * u;
     const Raw keep = wr[j];
     const float w = S::load(keep);
-    const Raw moved = S::store(after);
+    const Raw moved = S::store(kLagged ? after - lag * w : after);
     const bool retained = mask[j] != 0;
     pr[j] = retained ? keep : moved;
     const float d = retained ? 0.0f : S::load(moved) - w;
@@ -217,26 +219,31 @@ HPA_ALWAYS_INLINE void online_seg(const OnlineRow<D>& row, int64_t j0, int64_t j
 }
 
 template <int D>
-using OnlineSegFn = void (*)(const OnlineRow<D>&, int64_t, int64_t, const AdamWStepConsts&, float, float, float*,
-                             float*);
-template <int D, bool kScaled, bool kLowWeight>
+using OnlineSegFn = void (*)(const OnlineRow<D>&, int64_t, int64_t, const AdamWStepConsts&, float, float, float,
+                             float*, float*);
+template <int D, bool kScaled, bool kLowWeight, bool kLagged>
 HPA_TARGET_AVX2 void online_seg_avx2(const OnlineRow<D>& row, int64_t j0, int64_t j1, const AdamWStepConsts& k,
-                                     float scale, float sign, float* dot, float* norm) {
-  online_seg<D, kScaled, kLowWeight>(row, j0, j1, k, scale, sign, dot, norm);
+                                     float scale, float sign, float lag, float* dot, float* norm) {
+  online_seg<D, kScaled, kLowWeight, kLagged>(row, j0, j1, k, scale, sign, lag, dot, norm);
 }
-template <int D, bool kScaled, bool kLowWeight>
+template <int D, bool kScaled, bool kLowWeight, bool kLagged>
 void online_seg_base(const OnlineRow<D>& row, int64_t j0, int64_t j1, const AdamWStepConsts& k, float scale,
-                     float sign, float* dot, float* norm) {
-  online_seg<D, kScaled, kLowWeight>(row, j0, j1, k, scale, sign, dot, norm);
+                     float sign, float lag, float* dot, float* norm) {
+  online_seg<D, kScaled, kLowWeight, kLagged>(row, j0, j1, k, scale, sign, lag, dot, norm);
+}
+template <int D, bool kScaled, bool kLowWeight, bool kLagged>
+OnlineSegFn<D> pick_online4() {
+  return use_avx2() ? &online_seg_avx2<D, kScaled, kLowWeight, kLagged>
+                    : &online_seg_base<D, kScaled, kLowWeight, kLagged>;
 }
 template <int D, bool kScaled, bool kLowWeight>
-OnlineSegFn<D> pick_online3() {
-  return use_avx2() ? &online_seg_avx2<D, kScaled, kLowWeight> : &online_seg_base<D, kScaled, kLowWeight>;
+OnlineSegFn<D> pick_online3(bool lagged) {
+  return lagged ? pick_online4<D, kScaled, kLowWeight, true>() : pick_online4<D, kScaled, kLowWeight, false>();
 }
 template <int D>
-OnlineSegFn<D> pick_online(bool scaled, bool low_weight) {
-  if (scaled) return low_weight ? pick_online3<D, true, true>() : pick_online3<D, true, false>();
-  return low_weight ? pick_online3<D, false, true>() : pick_online3<D, false, false>();
+OnlineSegFn<D> pick_online(bool scaled, bool low_weight, bool lagged) {
+  if (scaled) return low_weight ? pick_online3<D, true, true>(lagged) : pick_online3<D, true, false>(lagged);
+  return low_weight ? pick_online3<D, false, true>(lagged) : pick_online3<D, false, false>(lagged);
 }
 
 // Online step pass 2 on one row: W <- W - c' W_prev on the non-retained columns.
@@ -333,10 +340,11 @@ struct OnlineLayer {
 
 // The online step over n layers in one OpenMP parallel region: pass 1 of every layer (each layer
 // cut into the same row x column tasks as a single-layer call, so every result is bit-identical to
-// n separate calls), then each layer's sums and coefficient, then pass 2 of every layer.
+// n separate calls), then each layer's sums and coefficient, then (exact projection only) pass 2 of
+// every layer. The lagged projection is pass 1 alone: it applies p.lag and returns c_next.
 template <int D>
 void online_typed(int64_t n, const OnlineLayer* layers, const AdamWHyper& h, const float* grad_scale,
-                  bool orthogonal, double* coefs) {
+                  const Projection& p, double* coefs) {
   using S = Storage<D>;
   using Raw = typename S::Raw;
   const bool has_scale = grad_scale != nullptr;
@@ -365,8 +373,9 @@ void online_typed(int64_t n, const OnlineLayer* layers, const AdamWHyper& h, con
       task_layer[static_cast<size_t>(q)] = l;
   // Pass-2 items: (layer, row block) of ~kRowItem elements; skipped at run time when c' = 0.
   constexpr int64_t kRowItem = int64_t{1} << 16;
+  const bool exact = p.mode == kProjectExact;
   std::vector<int64_t> item_layer, item_row;
-  if (orthogonal) {
+  if (exact) {
     for (int64_t l = 0; l < n; ++l) {
       const int64_t r = layers[l].rows, c = layers[l].cols;
       const int64_t rows_per = std::max<int64_t>(1, kRowItem / std::max<int64_t>(1, c));
@@ -379,7 +388,9 @@ void online_typed(int64_t n, const OnlineLayer* layers, const AdamWHyper& h, con
   const int64_t nitems = static_cast<int64_t>(item_layer.size());
   std::vector<float> partial(static_cast<size_t>(part0[static_cast<size_t>(n)]), 0.0f);
   std::vector<double> dots(static_cast<size_t>(ntasks), 0.0), norms(static_cast<size_t>(ntasks), 0.0);
-  const OnlineSegFn<D> seg = pick_online<D>(has_scale, n > 0 && consts[0].lerp_weight < 0.5f);
+  const OnlineSegFn<D> seg =
+      pick_online<D>(has_scale, n > 0 && consts[0].lerp_weight < 0.5f, p.mode == kProjectLagged);
+  const float lag = static_cast<float>(p.lag);
   const ProjectRowFn<D> project = use_avx2() ? &project_row_avx2<D> : &project_row_base<D>;
   std::vector<float> cfs(static_cast<size_t>(n), 0.0f);
   std::vector<unsigned char> project_layer(static_cast<size_t>(n), 0);
@@ -405,7 +416,8 @@ void online_typed(int64_t n, const OnlineLayer* layers, const AdamWHyper& h, con
       for (int64_t a = 0; a < row_blocks; ++a) e += part[static_cast<size_t>(a * c + j)];
       L.col_energy[j] = static_cast<float>(static_cast<double>(L.col_energy[j]) + e);
     }
-    if (orthogonal && !(norm <= 0.0 || dot == 0.0)) {
+    if (p.mode == kProjectLagged && norm > 0.0) coefs[l] = dot / norm;  // c_next, for the next step
+    if (exact && !(norm <= 0.0 || dot == 0.0)) {
       coefs[l] = dot / norm;
       cfs[static_cast<size_t>(l)] = static_cast<float>(coefs[l]);
       project_layer[static_cast<size_t>(l)] = 1;
@@ -414,8 +426,9 @@ void online_typed(int64_t n, const OnlineLayer* layers, const AdamWHyper& h, con
 
 #pragma omp parallel if (ntasks > 1 || total > kSmallWork)
   {
-    // Pass 1: AdamW, retained columns reset to W_prev, column energies of the unconstrained update,
-    // and <dW, W_prev>, ||W_prev (1 - M)||^2 over the non-retained columns of the stored result.
+    // Pass 1: AdamW (lagged: minus lag W_prev), retained columns reset to W_prev, column energies of
+    // the unconstrained update, and <dW, W_prev>, ||W_prev (1 - M)||^2 over the non-retained columns
+    // of the stored result.
 #pragma omp for schedule(dynamic, 1) nowait
     for (int64_t task = 0; task < ntasks; ++task) {
       const int64_t l = task_layer[static_cast<size_t>(task)];
@@ -437,7 +450,7 @@ void online_typed(int64_t n, const OnlineLayer* layers, const AdamWHyper& h, con
         for (int64_t j0 = c0; j0 < c1; j0 += kRowSpan) {
           const int64_t j1 = std::min(c1, j0 + kRowSpan);
           float rdot = 0.0f, rnorm = 0.0f;
-          seg(row, j0, j1, k, scale, sign, &rdot, &rnorm);
+          seg(row, j0, j1, k, scale, sign, lag, &rdot, &rnorm);
           dot += rdot;
           norm += rnorm;
         }
@@ -446,7 +459,7 @@ void online_typed(int64_t n, const OnlineLayer* layers, const AdamWHyper& h, con
       norms[static_cast<size_t>(task)] = norm;
       if (remaining[static_cast<size_t>(l)].fetch_sub(1, std::memory_order_acq_rel) == 1) finish_layer(l);
     }
-    if (orthogonal) {
+    if (exact) {
 #pragma omp barrier
     }
     // Pass 2: W <- W - c' W_prev on the non-retained columns, c' = <dW, W_prev> / ||W_prev (1 - M)||^2.
@@ -465,20 +478,21 @@ void online_typed(int64_t n, const OnlineLayer* layers, const AdamWHyper& h, con
   }
 }
 
-// online_typed behind the GradScaler skip and the dtype switch; coefs[l] gets layer l's c'.
+// online_typed behind the GradScaler skip and the dtype switch; coefs[l] gets layer l's c' (exact)
+// or c_next (lagged).
 void online_step_multi(int dtype, int64_t n, const OnlineLayer* layers, const AdamWHyper& hyper,
-                       const float* grad_scale, const float* found_inf, bool orthogonal, double* coefs) {
-  if (found_inf != nullptr && *found_inf != 0.0f) {  // GradScaler skip: nothing written
-    for (int64_t l = 0; l < n; ++l) coefs[l] = 0.0;
+                       const float* grad_scale, const float* found_inf, const Projection& p, double* coefs) {
+  if (found_inf != nullptr && *found_inf != 0.0f) {  // GradScaler skip: nothing written, c_prev kept
+    for (int64_t l = 0; l < n; ++l) coefs[l] = p.mode == kProjectLagged ? p.lag : 0.0;
     return;
   }
   switch (dtype) {
     case kF32:
-      return online_typed<kF32>(n, layers, hyper, grad_scale, orthogonal, coefs);
+      return online_typed<kF32>(n, layers, hyper, grad_scale, p, coefs);
     case kBF16:
-      return online_typed<kBF16>(n, layers, hyper, grad_scale, orthogonal, coefs);
+      return online_typed<kBF16>(n, layers, hyper, grad_scale, p, coefs);
     case kF16:
-      return online_typed<kF16>(n, layers, hyper, grad_scale, orthogonal, coefs);
+      return online_typed<kF16>(n, layers, hyper, grad_scale, p, coefs);
     default:
       throw std::invalid_argument("online_step: unknown storage dtype code");
   }
@@ -515,10 +529,13 @@ void hpa_apply(int dtype, int64_t r, int64_t c, Mat prev, Mat next, Mat out, con
 
 double online_step(int dtype, int64_t r, int64_t c, uintptr_t param, uintptr_t grad, float* exp_avg,
                    float* exp_avg_sq, float* step, uintptr_t w_prev, const uint8_t* mask, float* col_energy,
-                   const AdamWHyper& hyper, const float* grad_scale, const float* found_inf, bool orthogonal) {
+                   const AdamWHyper& hyper, const float* grad_scale, const float* found_inf,
+                   const Projection& projection) {
+  if (projection.mode < kProjectNone || projection.mode > kProjectLagged)
+    throw std::invalid_argument("online_step: unknown projection mode code");
   const OnlineLayer layer{r, c, param, grad, exp_avg, exp_avg_sq, step, w_prev, mask, col_energy};
   double coef = 0.0;
-  online_step_multi(dtype, 1, &layer, hyper, grad_scale, found_inf, orthogonal, &coef);
+  online_step_multi(dtype, 1, &layer, hyper, grad_scale, found_inf, projection, &coef);
   return coef;
 }
 

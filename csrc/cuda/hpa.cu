@@ -188,9 +188,10 @@ __global__ void finish_columns_kernel(int64_t c, int64_t chunks, const float* co
 }
 
 // Online step, one block: dot and norm over all block partials (double, fixed order), the
-// coefficient c' = dot / norm (0 when norm is 0 or !orthogonal) and the step-count increment.
+// coefficient c' (exact) or c_next (lagged) = dot / norm (0 when norm is 0 or without projection;
+// *lag, c_prev, when skipped) and the step-count increment.
 __global__ void finish_scalars_kernel(int64_t blocks, const float* dots, const float* norms, float* coef_out,
-                                      float* step, bool orthogonal, const float* found_inf) {
+                                      float* step, bool orthogonal, const float* lag, const float* found_inf) {
   __shared__ double sd[kThreads];
   __shared__ double sn[kThreads];
   const bool skip = found_inf != nullptr && *found_inf != 0.0f;
@@ -210,8 +211,12 @@ __global__ void finish_scalars_kernel(int64_t blocks, const float* dots, const f
     __syncthreads();
   }
   if (threadIdx.x != 0) return;
-  *coef_out = (skip || !orthogonal || sn[0] <= 0.0) ? 0.0f : static_cast<float>(sd[0] / sn[0]);
-  if (!skip) *step += 1.0f;
+  if (skip) {
+    *coef_out = lag != nullptr ? *lag : 0.0f;
+    return;
+  }
+  *coef_out = (!orthogonal || sn[0] <= 0.0) ? 0.0f : static_cast<float>(sd[0] / sn[0]);
+  *step += 1.0f;
 }
 
 constexpr int kApplyRowsY = 8;       // thread rows of an apply block (kTileX x kApplyRowsY threads)
@@ -249,10 +254,11 @@ struct OnlineArgs {
 };
 
 // Pass 1 of the online step: AdamW, retained columns reset to W_prev, column energies of the
-// unconstrained update, and the non-retained <dW, W_prev>, ||W_prev||^2 partials.
+// unconstrained update, and the non-retained <dW, W_prev>, ||W_prev||^2 partials of the values
+// written. lag (lagged projection, else nullptr): the free columns get round(W_a - *lag W_prev).
 template <int D>
 __global__ void online_pass1_kernel(int64_t r, int64_t c, OnlineArgs a, AdamWHyper hyper, const float* grad_scale,
-                                    const float* found_inf, Workspace ws) {
+                                    const float* found_inf, const float* lag, Workspace ws) {
   if (found_inf != nullptr && *found_inf != 0.0f) return;
   using S = Storage<D>;
   using Raw = typename S::Raw;
@@ -267,6 +273,7 @@ __global__ void online_pass1_kernel(int64_t r, int64_t c, OnlineArgs a, AdamWHyp
   const AdamWStepConsts k = adamw_consts(hyper, static_cast<double>(*reinterpret_cast<float*>(a.step) + 1.0f));
   const float scale = grad_scale != nullptr ? *grad_scale : 1.0f;
   const float sign = hyper.maximize ? -1.0f : 1.0f;
+  const float lc = lag != nullptr ? *lag : 0.0f;
   const int64_t j = static_cast<int64_t>(blockIdx.x) * kTileX + threadIdx.x;
   int64_t r0, r1;
   split_range(r, gridDim.y, blockIdx.y, &r0, &r1);
@@ -289,9 +296,9 @@ __global__ void online_pass1_kernel(int64_t r, int64_t c, OnlineArgs a, AdamWHyp
       if (retained) {
         Pm[idx] = keep;
       } else {
-        const Raw moved = S::store(after);
-        Pm[idx] = moved;
         const float w = S::load(keep);
+        const Raw moved = S::store(lag != nullptr ? after - lc * w : after);
+        Pm[idx] = moved;
         dot += (S::load(moved) - w) * w;
         norm += w * w;
       }
@@ -350,15 +357,20 @@ void apply_launch(int64_t r, int64_t c, Mat prev, Mat next, Mat out, const uint8
   apply_kernel<D><<<grid, dim3(kTileX, kApplyRowsY), 0, s>>>(r, c, prev, next, out, mask, coef, coef_ptr);
 }
 
+// The online step's launches: pass 1, the fixed-order sums, and pass 2 for the exact projection only
+// (the lagged projection is pass 1 alone, lag its c_prev).
 template <int D>
 void online_launch(int64_t r, int64_t c, const OnlineArgs& a, const AdamWHyper& h, const float* scale,
-                   const float* inf, const Grid2& g, const Workspace& ws, float* col_energy, bool orthogonal,
-                   float* coef_out, cudaStream_t s) {
+                   const float* inf, const Grid2& g, const Workspace& ws, float* col_energy, int projection,
+                   const float* lag, float* coef_out, cudaStream_t s) {
+  const float* applied = projection == kProjectLagged ? lag : nullptr;
   online_pass1_kernel<D><<<dim3(static_cast<unsigned>(g.tiles), static_cast<unsigned>(g.chunks)),
-                           dim3(kTileX, kTileY), 0, s>>>(r, c, a, h, scale, inf, ws);
+                           dim3(kTileX, kTileY), 0, s>>>(r, c, a, h, scale, inf, applied, ws);
   finish_columns_kernel<<<blocks_1d(c), kThreads, 0, s>>>(c, g.chunks, ws.col, col_energy, inf);
   finish_scalars_kernel<<<1, kThreads, 0, s>>>(g.tiles * g.chunks, ws.dot, ws.norm, coef_out,
-                                               reinterpret_cast<float*>(a.step), orthogonal, inf);
+                                               reinterpret_cast<float*>(a.step), projection != kProjectNone,
+                                               applied, inf);
+  if (projection != kProjectExact) return;
   online_pass2_kernel<D><<<blocks_1d(r * c), kThreads, 0, s>>>(r, c, a.param, a.w_prev,
                                                                reinterpret_cast<const uint8_t*>(a.mask), coef_out);
 }
@@ -432,9 +444,12 @@ const char* hpa_apply(int dtype, int64_t r, int64_t c, Mat prev, Mat next, Mat o
 
 const char* online_step(int dtype, int64_t r, int64_t c, uintptr_t param, uintptr_t grad, uintptr_t exp_avg,
                         uintptr_t exp_avg_sq, uintptr_t step, uintptr_t w_prev, uintptr_t mask, uintptr_t col_energy,
-                        const AdamWHyper& hyper, uintptr_t grad_scale, uintptr_t found_inf, bool orthogonal,
-                        uintptr_t coef_out, uintptr_t workspace, uintptr_t stream) {
+                        const AdamWHyper& hyper, uintptr_t grad_scale, uintptr_t found_inf, int projection,
+                        uintptr_t lag_coef, uintptr_t coef_out, uintptr_t workspace, uintptr_t stream) {
+  if (projection < kProjectNone || projection > kProjectLagged) return "online_step: unknown projection mode code";
+  if (projection == kProjectLagged && lag_coef == 0) return "online_step: the lagged projection needs c_prev";
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  const float* lag = reinterpret_cast<const float*>(lag_coef);
   const Grid2 g = reduce_grid(r, c);
   const Workspace ws = carve(workspace, c, g);
   const OnlineArgs a{param, grad, exp_avg, exp_avg_sq, step, w_prev, mask};
@@ -444,13 +459,13 @@ const char* online_step(int dtype, int64_t r, int64_t c, uintptr_t param, uintpt
   float* coef = reinterpret_cast<float*>(coef_out);
   switch (dtype) {
     case kF32:
-      online_launch<kF32>(r, c, a, hyper, scale, inf, g, ws, energy, orthogonal, coef, s);
+      online_launch<kF32>(r, c, a, hyper, scale, inf, g, ws, energy, projection, lag, coef, s);
       break;
     case kBF16:
-      online_launch<kBF16>(r, c, a, hyper, scale, inf, g, ws, energy, orthogonal, coef, s);
+      online_launch<kBF16>(r, c, a, hyper, scale, inf, g, ws, energy, projection, lag, coef, s);
       break;
     case kF16:
-      online_launch<kF16>(r, c, a, hyper, scale, inf, g, ws, energy, orthogonal, coef, s);
+      online_launch<kF16>(r, c, a, hyper, scale, inf, g, ws, energy, projection, lag, coef, s);
       break;
     default:
       return "online_step: unknown storage dtype code";

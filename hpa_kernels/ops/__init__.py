@@ -37,6 +37,7 @@ from . import cpu as cpu  # registers "cpu"
 from . import cuda as cuda  # registers "cuda"
 from . import torch_ref as torch_ref  # registers "torch"
 from .schema import ROW_BLOCK as ROW_BLOCK  # the reduce order's block size, re-exported
+from .schema import OnlineProjection as OnlineProjection  # online_step's projection, re-exported
 
 BACKENDS = ("torch", "cpu", "cuda", "triton")
 _DEVICE_TYPES = {"torch": None, "cpu": "cpu", "cuda": "cuda", "triton": "cuda"}
@@ -282,41 +283,52 @@ def online_step(
     maximize: bool = False,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
-    orthogonal: bool = True,
+    projection: OnlineProjection | None = None,
     backend: str = "auto",
 ) -> Tensor:
     """One training step of a managed layer in HPA's online mode, in place.
 
     With W the parameter before the step, W_prev the task's snapshot, M the column mask
-    (True = retained, HPA_SPEC.md Step 2) and W_a the AdamW result of :func:`adamw_step` on W:
+    (True = retained, HPA_SPEC.md Step 2) and W_a the AdamW result of :func:`adamw_step` on W,
+    every mode first does the AdamW update of ``m``, ``v``, ``state_step`` and
+    ``col_energy[j] += Σᵢ (W_a − W)ᵢⱼ²`` (fp32) — the energy of the *unconstrained* update,
+    retained columns included, summed over steps, for the next mask refresh (Step 1's ε̄ⱼ with
+    col_energy in place of Σᵢ ΔWᵢⱼ²: :func:`hpa_kernels.functional.column_scores_from_energy`,
+    as offline) — and writes W ← W_prev on retained columns. On the free columns (~M), with
+    ΔW = W − W_prev of the values written and sums over the free columns only:
 
-    1. **Pass 1** (reads W, g, m, v, W_prev; writes W, m, v): the AdamW update of ``m``, ``v``,
-       ``state_step``; ``col_energy[j] += Σᵢ (W_a − W)ᵢⱼ²`` (fp32) — the energy of the
-       *unconstrained* update, retained columns included, summed over steps, for the next mask
-       refresh (Step 1's ε̄ⱼ with col_energy in place of Σᵢ ΔWᵢⱼ²:
-       :func:`hpa_kernels.functional.column_scores_from_energy`, as offline); and
-       W ← W_prev on retained columns, W ← round(W_a) on the others.
-    2. **Pass 2** (reads W, W_prev; writes W; only when ``orthogonal`` and c' ≠ 0): the Step 3
-       projection restricted to the non-retained columns,
-       ``W[:, ~M] −= c'·W_prev[:, ~M]``, with ΔW = W − W_prev after pass 1 and
-       ``c' = ⟨ΔW, W_prev⟩_F / ‖W_prev ⊙ (1 − M)‖_F²`` (0 when that norm is 0).
+    * ``projection.exact`` (the default; Step 3 restricted to the free columns), two passes.
+      **Pass 1** (reads W, g, m, v, W_prev; writes W, m, v) writes W ← round(W_a) and sums
+      ⟨ΔW, W_prev⟩ and ‖W_prev ⊙ (1 − M)‖²; **pass 2** (reads W, W_prev; writes W; only when
+      c' ≠ 0) writes ``W[:, ~M] −= c'·W_prev[:, ~M]`` with
+      ``c' = ⟨ΔW, W_prev⟩_F / ‖W_prev ⊙ (1 − M)‖_F²`` (0 when that norm is 0). Two passes, not
+      one: c' is a sum over the whole matrix of values pass 1 produces, so no element can be
+      written in its final form before all of them are read. Returns c'.
+    * ``projection.lagged``, one pass (the streams of pass 1): W ← round(W_a − c_prev·W_prev)
+      with c_prev = ``projection.coef`` (the coefficient the previous lagged step returned),
+      summing over the values just written ``dot = ⟨ΔW, W_prev⟩`` and
+      ``norm_sq = ‖W_prev ⊙ (1 − M)‖²``. Returns ``c_next = dot / norm_sq`` (0 when norm_sq
+      is 0), for the caller to pass as the next step's ``coef``: the component c_next·W_prev
+      of this step's ΔW is removed by the next step. With c_prev = 0 the step is pass 1 of the
+      exact mode, and returns its c'.
+    * ``projection.orthogonal=False``: one pass, W ← round(W_a); returns 0.
 
-    Two passes, not one: c' is a sum over the whole matrix of values pass 1 produces, so no
-    element can be written in its final form before all of them are read. Pass 2 touches only W
-    and W_prev (3 of the 8 streams of pass 1). With ``orthogonal=False`` it is one pass.
-
-    Invariants after every step (tested):
+    Invariants after every step (tested), up to rounding as stated:
 
     * retained columns are bit-equal to ``w_prev`` (its raw bits are copied);
-    * |⟨ΔW, W_prev⟩_F| ≤ u·‖W‖_F·‖W_prev‖_F + (fp32 accumulation error), u the unit roundoff of
-      the parameter's dtype: the projection is exact up to the final rounding of W. In fp32 this
-      gives |⟨ΔW, W_prev⟩| ≤ 1e-5·‖ΔW‖·‖W_prev‖ once ‖ΔW‖ is not at the rounding floor of W
-      (checked in the tests); in bf16 / fp16 only the rounding bound holds.
-    * each step re-projects the whole ΔW, so rounding residue does not accumulate over steps.
+    * exact: |⟨ΔW, W_prev⟩_F| ≤ u·‖W‖_F·‖W_prev‖_F + (fp32 accumulation error), u the unit
+      roundoff of the parameter's dtype: the projection is exact up to the final rounding of W.
+      In fp32 this gives |⟨ΔW, W_prev⟩| ≤ 1e-5·‖ΔW‖·‖W_prev‖ once ‖ΔW‖ is not at the rounding
+      floor of W (checked in the tests); in bf16 / fp16 only the rounding bound holds. Each step
+      re-projects the whole ΔW, so rounding residue does not accumulate over steps.
+    * lagged: ⟨ΔW[:, ~M] − c_next·W_prev[:, ~M], W_prev[:, ~M]⟩ = 0 up to the fp32 accumulation
+      error of the sums (c_next is their ratio): ΔW is orthogonal to W_prev except for the
+      component c_next·W_prev that the next step removes. ``end_task``'s edit re-projects
+      exactly, so a task's final weights satisfy Step 3's invariant in full.
 
     Moments keep following the gradient on retained columns (so a column released at the next
     mask refresh continues from its true moments). A non-zero ``found_inf`` leaves every tensor
-    argument bitwise unchanged (``torch.amp.GradScaler`` skip).
+    argument bitwise unchanged (``torch.amp.GradScaler`` skip) and returns c_prev (lagged) or 0.
 
     Args:
         param: (r, c) weight (out_features, in_features), fp32 / bf16 / fp16; updated in place.
@@ -327,11 +339,13 @@ def online_step(
         mask: (c,) bool, True for retained columns.
         col_energy: (c,) fp32 accumulator, updated in place.
         lr, beta1, beta2, eps, weight_decay, maximize, grad_scale, found_inf: as :func:`adamw_step`.
-        orthogonal: apply pass 2 (``HPAConfig.orthogonal``).
+        projection: the mode and, lagged, c_prev (:class:`OnlineProjection`, from
+            ``HPAConfig.orthogonal`` and ``HPAConfig.online_projection``); ``None``: exact.
         backend: ``"auto"`` or one of :func:`available_backends`.
 
     Returns:
-        c', a float32 0-d tensor on param's device (0 when skipped); no host sync on CUDA.
+        c' (exact), c_next (lagged) or 0, a float32 0-d tensor on param's device; no host sync
+        on CUDA.
 
     Raises:
         ValueError / TypeError: shapes, devices or dtypes that do not match the above.
@@ -339,5 +353,7 @@ def online_step(
     kernels = _kernels(backend, param.device)
     tensors = schema.OnlineTensors(param, grad, exp_avg, exp_avg_sq, state_step, w_prev, mask, col_energy)
     hyper = schema.AdamWHyper(lr, beta1, beta2, eps, weight_decay, maximize, grad_scale, found_inf)
-    schema.check_online_step(tensors, hyper, float64=kernels.float64)
-    return kernels.online_step(tensors, hyper, orthogonal)
+    if projection is None:
+        projection = OnlineProjection()
+    schema.check_online_step(tensors, hyper, projection, float64=kernels.float64)
+    return kernels.online_step(tensors, hyper, projection)

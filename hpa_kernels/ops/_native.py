@@ -22,9 +22,10 @@ import torch
 from torch import Tensor
 
 from ._staging import Staging
-from .schema import AdamWHyper, AdamWTensors, OnlineTensors
+from .schema import AdamWHyper, AdamWTensors, OnlineProjection, OnlineTensors
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # csrc/include/hpa/common.h DType
+PROJECTION_CODES = {"none": 0, "exact": 1, "lagged": 2}  # csrc/include/hpa/common.h ProjectionMode
 
 
 def _load(name: str) -> tuple[ModuleType | None, str | None]:
@@ -158,14 +159,15 @@ def online_empty(state_step: Tensor, found_inf: Tensor | None, device: torch.dev
     return torch.zeros((), dtype=torch.float32, device=device)
 
 
-def online_args(t: OnlineTensors, h: AdamWHyper, orthogonal: bool) -> tuple[Staging, tuple]:
+def online_args(t: OnlineTensors, h: AdamWHyper, projection: OnlineProjection) -> tuple[Staging, tuple]:
     """The tensors of one online step staged (r and c > 0, :meth:`Staging.online`) and the
-    arguments of its call, up to the backend's own last ones; ``staging.finish()`` after the call
-    writes back."""
+    arguments of its call up to the projection's mode code (:data:`PROJECTION_CODES`), before the
+    backend's own last ones (c_prev first); ``staging.finish()`` after the call writes back."""
     device = t.param.device
     r, c = t.param.shape
     staging = Staging()
     staged = staging.online(t)
-    scalars = (staging.scalar_ptr(h.grad_scale, device), staging.scalar_ptr(h.found_inf, device), bool(orthogonal))
+    mode = PROJECTION_CODES[projection.mode if projection.orthogonal else "none"]
+    scalars = (staging.scalar_ptr(h.grad_scale, device), staging.scalar_ptr(h.found_inf, device), mode)
     args = (DTYPE_CODES[t.param.dtype], r, c, *(x.data_ptr() for x in staged), *hyper(h), *scalars)
     return staging, args

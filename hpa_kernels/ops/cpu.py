@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from . import _native
-from .schema import AdamWHyper, AdamWTensors, Kernels, OnlineTensors, register
+from .schema import AdamWHyper, AdamWTensors, Kernels, OnlineProjection, OnlineTensors, register
 
 
 def adamw_step(tensors: AdamWTensors, hyper: AdamWHyper) -> None:
@@ -43,13 +43,14 @@ def hpa_apply(w_prev: Tensor, w_new: Tensor, mask: Tensor, coef: float | Tensor,
     return out
 
 
-def online_step(tensors: OnlineTensors, hyper: AdamWHyper, orthogonal: bool) -> Tensor:
-    """See ``hpa_kernels.ops.online_step`` (both passes in one call)."""
+def online_step(tensors: OnlineTensors, hyper: AdamWHyper, projection: OnlineProjection) -> Tensor:
+    """See ``hpa_kernels.ops.online_step`` (every pass in one call)."""
     param = tensors.param
     if param.numel() == 0:
         return _native.online_empty(tensors.state_step, hyper.found_inf, param.device)
-    staging, args = _native.online_args(tensors, hyper, orthogonal)
-    coef = torch.tensor(_native.CPU_LIB.online_step(*args), dtype=torch.float32, device=param.device)
+    staging, args = _native.online_args(tensors, hyper, projection)
+    lag = float(projection.coef) if projection.lagged else 0.0
+    coef = torch.tensor(_native.CPU_LIB.online_step(*args, lag), dtype=torch.float32, device=param.device)
     staging.finish()
     return coef
 

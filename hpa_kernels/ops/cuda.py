@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import _native
-from .schema import AdamWHyper, AdamWTensors, Kernels, OnlineTensors, register
+from .schema import AdamWHyper, AdamWTensors, Kernels, OnlineProjection, OnlineTensors, register
 
 
 def _launch(fn: Callable, device: torch.device, *args):
@@ -67,17 +67,18 @@ def hpa_apply(w_prev: Tensor, w_new: Tensor, mask: Tensor, coef: float | Tensor,
     return out
 
 
-def online_step(tensors: OnlineTensors, hyper: AdamWHyper, orthogonal: bool) -> Tensor:
-    """See ``hpa_kernels.ops.online_step`` (c' stays on the device)."""
+def online_step(tensors: OnlineTensors, hyper: AdamWHyper, projection: OnlineProjection) -> Tensor:
+    """See ``hpa_kernels.ops.online_step`` (c_prev is read and the coefficient stays on the device)."""
     device = tensors.param.device
     if tensors.param.numel() == 0:
         return _native.online_empty(tensors.state_step, hyper.found_inf, device)
     r, c = tensors.param.shape
     f32 = {"dtype": torch.float32, "device": device}
-    staging, args = _native.online_args(tensors, hyper, orthogonal)
+    staging, args = _native.online_args(tensors, hyper, projection)
+    lag_ptr = staging.scalar_ptr(torch.as_tensor(projection.coef), device) if projection.lagged else 0
     coef = torch.empty((), **f32)
     workspace = torch.empty(_native.CUDA_LIB.online_workspace_bytes(r, c) // 4, **f32)
-    _launch(_native.CUDA_LIB.online_step, device, *args, coef.data_ptr(), workspace.data_ptr())
+    _launch(_native.CUDA_LIB.online_step, device, *args, lag_ptr, coef.data_ptr(), workspace.data_ptr())
     staging.finish()
     return coef
 

@@ -19,6 +19,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from ..config import ONLINE_PROJECTIONS
+
 STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ROW_BLOCK = 128
 """Rows per block of the HPA reductions' fixed summation order (``hpa_kernels.ops.hpa_reduce``)."""
@@ -74,6 +76,42 @@ class AdamWHyper:
 
 
 @dataclass(frozen=True)
+class OnlineProjection:
+    """HPA_SPEC.md Step 3's projection inside one ``online_step`` call (``HPAConfig.orthogonal``,
+    ``HPAConfig.online_projection``).
+
+    Attributes:
+        orthogonal: project at all (``False``: one pass, no projection, 0 returned).
+        mode: ``"exact"`` (a second pass removes this step's c'·W_prev; c' returned) or
+            ``"lagged"`` (the AdamW pass applies ``coef`` and measures c_next; c_next returned).
+        coef: ``"lagged"`` only: c_prev, the coefficient the previous lagged step returned
+            (a float or a one-element tensor on param's device, read there; 0 on a task's first
+            step and after a mask refresh).
+
+    Raises:
+        ValueError: a ``mode`` outside ``("exact", "lagged")``, at construction.
+    """
+
+    orthogonal: bool = True
+    mode: str = "exact"
+    coef: float | Tensor = 0.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in ONLINE_PROJECTIONS:
+            raise ValueError(f"OnlineProjection.mode must be one of {ONLINE_PROJECTIONS}, got {self.mode!r}")
+
+    @property
+    def lagged(self) -> bool:
+        """One pass applying ``coef`` (the orthogonal lagged mode)."""
+        return self.orthogonal and self.mode == "lagged"
+
+    @property
+    def exact(self) -> bool:
+        """Two passes, the second applying this step's c' (the orthogonal exact mode)."""
+        return self.orthogonal and self.mode == "exact"
+
+
+@dataclass(frozen=True)
 class Kernels:
     """One backend's implementations of the four ops, called with arguments that passed this
     module's checks. The kernels' signatures (those of :mod:`hpa_kernels.ops` with the tensors of
@@ -83,14 +121,14 @@ class Kernels:
         adamw_step(tensors, hyper) -> None
         hpa_reduce(w_prev, w_new) -> (col_energy, dot, norm_sq)
         hpa_apply(w_prev, w_new, mask, coef, out) -> Tensor
-        online_step(tensors, hyper, orthogonal) -> Tensor
+        online_step(tensors, hyper, projection) -> Tensor
     """
 
     name: str
     adamw_step: Callable[[AdamWTensors, AdamWHyper], None]
     hpa_reduce: Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
     hpa_apply: Callable[[Tensor, Tensor, Tensor, float | Tensor, Tensor | None], Tensor]
-    online_step: Callable[[OnlineTensors, AdamWHyper, bool], Tensor]
+    online_step: Callable[[OnlineTensors, AdamWHyper, OnlineProjection], Tensor]
     float64: bool = False  # takes float64 tensors too (the "torch" reference only)
 
 
@@ -184,7 +222,9 @@ def check_hpa_apply(w_prev: Tensor, w_new: Tensor, mask: Tensor, out: Tensor | N
         raise ValueError("hpa_apply: out must match w_new in shape, dtype and device")
 
 
-def check_online_step(t: OnlineTensors, hyper: AdamWHyper, *, float64: bool = False) -> None:
+def check_online_step(
+    t: OnlineTensors, hyper: AdamWHyper, projection: OnlineProjection, *, float64: bool = False
+) -> None:
     """The argument contract of ``hpa_kernels.ops.online_step``."""
     param = t.param
     _check_storage(param, "online_step: param", float64)
@@ -205,5 +245,8 @@ def check_online_step(t: OnlineTensors, hyper: AdamWHyper, *, float64: bool = Fa
         raise TypeError("online_step: mask must be bool and col_energy float32")
     if t.state_step.numel() != 1:
         raise ValueError("online_step: state_step must be a one-element tensor")
+    coef = projection.coef
+    if projection.lagged and isinstance(coef, Tensor) and (coef.numel() != 1 or coef.device != param.device):
+        raise ValueError(f"online_step: the lagged coefficient must be one element on {param.device}")
     _check_scalar(hyper.grad_scale)
     _check_scalar(hyper.found_inf)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .schema import ROW_BLOCK, AdamWHyper, AdamWTensors, Kernels, OnlineTensors, register
+from .schema import ROW_BLOCK, AdamWHyper, AdamWTensors, Kernels, OnlineProjection, OnlineTensors, register
 
 
 def _math_dtype(t: Tensor) -> torch.dtype:
@@ -116,37 +116,43 @@ def hpa_apply(w_prev: Tensor, w_new: Tensor, mask: Tensor, coef: float | Tensor,
     return out
 
 
-def online_step(t: OnlineTensors, hyper: AdamWHyper, orthogonal: bool) -> Tensor:
-    """The online HPA step, written as its two passes (see ``hpa_kernels.ops.online_step``).
+def online_step(t: OnlineTensors, hyper: AdamWHyper, projection: OnlineProjection) -> Tensor:
+    """The online HPA step, written as its passes (see ``hpa_kernels.ops.online_step``).
 
-    Pass 1 stores the AdamW result rounded to the parameter's dtype (W_prev on retained columns);
-    pass 2 subtracts c'·W_prev from the non-retained columns of that stored result.
+    The first pass stores the AdamW result rounded to the parameter's dtype (lagged: of
+    W_a − c_prev·W_prev; W_prev on retained columns) and sums ⟨ΔW, W_prev⟩, ‖W_prev‖² over the
+    free columns of what it stored; the exact mode's second pass subtracts c'·W_prev from the
+    free columns of that stored result.
     """
     param, col_energy = t.param, t.col_energy
+    f32 = {"dtype": torch.float32, "device": param.device}
+    lag = float(projection.coef) if projection.lagged else 0.0
     if hyper.found_inf is not None and bool(hyper.found_inf.item()):
-        return torch.zeros((), dtype=torch.float32, device=param.device)
+        return torch.tensor(lag, **f32)
     math_dtype = _math_dtype(param)
     before = param.to(math_dtype, copy=True)
     after = before.clone()
     adamw_step(AdamWTensors([after], [t.grad], [t.exp_avg], [t.exp_avg_sq], [t.state_step]), hyper)
     if param.numel() == 0:
-        return torch.zeros((), dtype=torch.float32, device=param.device)
+        return torch.zeros((), **f32)
     col_energy += (after - before).square().sum(dim=0).to(col_energy.dtype)
     keep = t.mask.view(1, -1)
     prev = t.w_prev.to(param.dtype)
+    if projection.lagged:
+        after = after - lag * prev.to(math_dtype)
     stored = torch.where(keep, prev, after.to(param.dtype))
     coef = 0.0
-    if orthogonal:
+    if projection.orthogonal:
         w = prev.double()
         free = (~keep).double()
         norm_sq = (w.square() * free).sum().item()
         dot = ((stored.double() - w) * w * free).sum().item()
         coef = dot / norm_sq if norm_sq > 0.0 else 0.0
-    if coef != 0.0:
+    if projection.exact and coef != 0.0:
         projected = (stored.to(math_dtype) - coef * prev.to(math_dtype)).to(param.dtype)
         stored = torch.where(keep, stored, projected)
     param.copy_(stored)
-    return torch.tensor(coef, dtype=torch.float32, device=param.device)
+    return torch.tensor(coef, **f32)
 
 
 register(Kernels("torch", adamw_step, hpa_reduce, hpa_apply, online_step, float64=True))

@@ -34,7 +34,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._staging import Staging
-from .schema import ROW_BLOCK, AdamWHyper, AdamWTensors, Kernels, OnlineTensors, register
+from .schema import ROW_BLOCK, AdamWHyper, AdamWTensors, Kernels, OnlineProjection, OnlineTensors, register
 
 _ADAMW_BLOCK = 1024
 _TILE_R = 32
@@ -250,13 +250,16 @@ def _hpa_apply_kernel(
 
 @triton.jit
 def _online_pass1_kernel(
-    p_ptr, g_ptr, m_ptr, v_ptr, w_ptr, mask_ptr, step_ptr, lr_ptr, scale_ptr, inf_ptr,
+    p_ptr, g_ptr, m_ptr, v_ptr, w_ptr, mask_ptr, step_ptr, lr_ptr, scale_ptr, inf_ptr, lag_ptr,
     col_ptr, dot_ptr, norm_ptr, r, c, rows_per_chunk,
     lr: tl.float64, log_beta1: tl.float64, log_beta2: tl.float64, beta1: tl.float64, beta2: tl.float64,
     eps: tl.float64, weight_decay: tl.float64,
     HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr, MAXIMIZE: tl.constexpr, LR_PTR: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    LAGGED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
+    """AdamW, retained columns reset to W_prev, column energies of the unconstrained update, and the
+    free columns' ⟨ΔW, W_prev⟩, ‖W_prev‖² partials of the values written; LAGGED: the free columns
+    get round(W_a − c_prev·W_prev), c_prev read from ``lag_ptr``."""
     pid_c = tl.program_id(0)
     pid_r = tl.program_id(1)
     cols = _block_offsets(pid_c, BLOCK_C)
@@ -270,6 +273,9 @@ def _online_pass1_kernel(
     )
     r0 = pid_r.to(tl.int64) * rows_per_chunk
     r1 = tl.minimum(r0 + rows_per_chunk, r)
+    lag = 0.0
+    if LAGGED:
+        lag = tl.load(lag_ptr)
     energy = tl.zeros([BLOCK_C], dtype=tl.float32)
     dot = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
     norm = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
@@ -287,9 +293,11 @@ def _online_pass1_kernel(
         u = tl.where(mask, after - before, 0.0)
         energy += tl.sum(u * u, axis=0)
         w_raw = tl.load(w_ptr + offs, mask=mask, other=0.0)
+        w = _to_f32(w_raw)
+        if LAGGED:
+            after = after - lag * w
         moved = _round_to(after, p_ptr.dtype.element_ty)
         tl.store(p_ptr + offs, tl.where(keep, w_raw, moved), mask=mask)
-        w = _to_f32(w_raw)
         free = mask & (keep == 0)
         dot += tl.where(free, (_to_f32(moved) - w) * w, 0.0)
         norm += tl.where(free, w * w, 0.0)
@@ -474,7 +482,7 @@ def hpa_apply(w_prev: Tensor, w_new: Tensor, mask: Tensor, coef: float | Tensor,
     return out
 
 
-def online_step(tensors: OnlineTensors, hyper: AdamWHyper, orthogonal: bool) -> Tensor:
+def online_step(tensors: OnlineTensors, hyper: AdamWHyper, projection: OnlineProjection) -> Tensor:
     """See ``hpa_kernels.ops.online_step``."""
     device = tensors.param.device
     r, c = tensors.param.shape
@@ -484,13 +492,14 @@ def online_step(tensors: OnlineTensors, hyper: AdamWHyper, orthogonal: bool) -> 
         state_step.add_(1.0 if skip is None else (~skip).to(state_step.device, state_step.dtype))
         return torch.zeros((), dtype=torch.float32, device=device)
     with _on(device):
-        return _online_launch(tensors, device, skip, hyper, orthogonal)
+        return _online_launch(tensors, device, skip, hyper, projection)
 
 
 def _online_launch(
-    tensors: OnlineTensors, device: torch.device, skip: Tensor | None, hyper: AdamWHyper, orthogonal: bool
+    tensors: OnlineTensors, device: torch.device, skip: Tensor | None, hyper: AdamWHyper, projection: OnlineProjection
 ) -> Tensor:
-    """The body of :func:`online_step`, on the tensors' device."""
+    """The body of :func:`online_step`, on the tensors' device: pass 1, the sums, and the exact
+    projection's pass 2."""
     r, c = tensors.param.shape
     f32 = {"dtype": torch.float32, "device": device}
     staging = Staging()
@@ -500,25 +509,27 @@ def _online_launch(
     dots, norms = torch.empty(chunks * tiles, **f32), torch.empty(chunks * tiles, **f32)
     grad_scale, found_inf = hyper.grad_scale, hyper.found_inf
     lr_tensor, scalars = _hyper(hyper, device)
+    lag = staging.scalar_tensor(torch.as_tensor(projection.coef) if projection.lagged else None, device)
     _online_pass1_kernel[(tiles, chunks)](
         p_, g_, m_, v_, w_, mask_u8, s_, s_ if lr_tensor is None else lr_tensor,
-        staging.scalar_tensor(grad_scale, device), staging.scalar_tensor(found_inf, device),
+        staging.scalar_tensor(grad_scale, device), staging.scalar_tensor(found_inf, device), lag,
         cols, dots, norms, r, c, _ONLINE_CHUNK_ROWS, **scalars,
         HAS_SCALE=grad_scale is not None, HAS_INF=found_inf is not None, MAXIMIZE=bool(hyper.maximize),
-        BLOCK_R=_TILE_R, BLOCK_C=_TILE_C, **LAUNCH_OPTIONS,
+        LAGGED=projection.lagged, BLOCK_R=_TILE_R, BLOCK_C=_TILE_C, **LAUNCH_OPTIONS,
     )  # fmt: skip
     energy = (col_energy.double() + cols.double().sum(dim=0)).float()
     dot, norm_sq = dots.double().sum(), norms.double().sum()
     coef = torch.where(norm_sq > 0, dot / norm_sq.clamp_min(torch.finfo(torch.float64).tiny), 0.0).float()
-    if not orthogonal:
+    if not projection.orthogonal:
         coef = torch.zeros((), **f32)
     if skip is not None:
         energy = torch.where(skip, col_energy, energy)
-        coef = torch.where(skip, 0.0, coef)
+        coef = torch.where(skip, lag.reshape(()), coef)  # lag: c_prev (lagged), else 0
     col_energy.copy_(energy)
     s_.add_(1.0 if skip is None else (~skip).to(torch.float32))
-    grid = (triton.cdiv(r, _TILE_R), triton.cdiv(c, _TILE_C))
-    _online_pass2_kernel[grid](p_, w_, mask_u8, coef, r, c, BLOCK_R=_TILE_R, BLOCK_C=_TILE_C, **LAUNCH_OPTIONS)
+    if projection.exact:
+        grid = (triton.cdiv(r, _TILE_R), triton.cdiv(c, _TILE_C))
+        _online_pass2_kernel[grid](p_, w_, mask_u8, coef, r, c, BLOCK_R=_TILE_R, BLOCK_C=_TILE_C, **LAUNCH_OPTIONS)
     staging.finish()
     return coef
 

@@ -19,6 +19,12 @@ namespace hpa {
 // Storage dtype codes shared with the Python side (hpa_kernels/ops/_native.py::DTYPE_CODES).
 enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
 
+// HPA_SPEC.md Step 3's projection inside the online step (hpa_kernels.ops.OnlineProjection; the
+// codes of hpa_kernels.ops._native.PROJECTION_CODES): none (orthogonal=False, one pass), exact (a
+// second pass removes this step's c' W_prev) or lagged (one pass applying the previous step's
+// coefficient, returning the next one).
+enum ProjectionMode : int { kProjectNone = 0, kProjectExact = 1, kProjectLagged = 2 };
+
 HPA_HD uint32_t f32_bits(float f) {
 #if defined(__CUDA_ARCH__)
   return __float_as_uint(f);

@@ -40,12 +40,14 @@ const char* hpa_reduce(int dtype, int64_t r, int64_t c, Mat prev, Mat next, uint
 const char* hpa_apply(int dtype, int64_t r, int64_t c, Mat prev, Mat next, Mat out, uintptr_t mask, float coef,
                       uintptr_t coef_ptr, uintptr_t stream);
 
-// The online step on contiguous row-major (r, c) tensors; writes the projection coefficient into the
-// device fp32 scalar coef_out. Three launches: the fused pass, the fixed-order sums, the projection.
+// The online step on contiguous row-major (r, c) tensors; writes the projection coefficient (c'
+// exact, c_next lagged, else 0) into the device fp32 scalar coef_out. projection: a ProjectionMode;
+// lag_coef: the device fp32 scalar c_prev of the lagged projection (read on the device). Launches:
+// the fused pass, the fixed-order sums, and the exact projection's second pass.
 const char* online_step(int dtype, int64_t r, int64_t c, uintptr_t param, uintptr_t grad, uintptr_t exp_avg,
                         uintptr_t exp_avg_sq, uintptr_t step, uintptr_t w_prev, uintptr_t mask, uintptr_t col_energy,
-                        const AdamWHyper& hyper, uintptr_t grad_scale, uintptr_t found_inf, bool orthogonal,
-                        uintptr_t coef_out, uintptr_t workspace, uintptr_t stream);
+                        const AdamWHyper& hyper, uintptr_t grad_scale, uintptr_t found_inf, int projection,
+                        uintptr_t lag_coef, uintptr_t coef_out, uintptr_t workspace, uintptr_t stream);
 
 }  // namespace cuda
 }  // namespace hpa
