@@ -4,6 +4,7 @@ on a tiny Llama saved with ``save_pretrained`` (sharded and single-file), offlin
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -130,6 +131,38 @@ def test_calibrate_cli_equals_the_collector(tmp_path) -> None:
             torch.testing.assert_close(written[f"{name}.weight"], vec, rtol=1e-5, atol=0, msg=name)
 
 
+@pytest.mark.parametrize(
+    "case,match",
+    [
+        ("no-model", "not a save_pretrained directory"),
+        ("no-data", "no such file"),
+        ("bad-json", r"bad\.jsonl:2: not JSON"),
+        ("not-object", r"bad\.jsonl:1: expected a JSON object"),
+        ("out-of-vocab", r"bad\.jsonl:1: input_ids outside the model's vocabulary \[0, 40\)"),
+        ("no-tokenizer", "text lines need a tokenizer"),
+    ],
+)
+def test_calibrate_cli_reports_bad_input_in_one_line(tmp_path, capsys, case: str, match: str) -> None:
+    """hpa-calibrate names the file (and line) of bad input in one line on stderr, exit status 2,
+    as argparse reports a bad argument, and writes nothing."""
+    tiny_llama(VOCAB).save_pretrained(tmp_path / "model")  # no tokenizer files
+    lines = {
+        "bad-json": '{"input_ids": [1, 2]}\n{"input_ids": [1 2]}\n',
+        "not-object": "[1, 2]\n",
+        "out-of-vocab": json.dumps({"input_ids": [1, VOCAB]}) + "\n",
+        "no-tokenizer": json.dumps({"text": "w1 w2"}) + "\n",
+    }
+    (tmp_path / "bad.jsonl").write_text(lines.get(case, '{"input_ids": [1, 2]}\n'))
+    model = tmp_path / ("missing" if case == "no-model" else "model")
+    data = tmp_path / ("missing.jsonl" if case == "no-data" else "bad.jsonl")
+    out = tmp_path / "hinv.safetensors"
+    capsys.readouterr()  # save_pretrained's progress bar
+    assert calibrate_main(["--model", str(model), "--data", str(data), "--out", str(out)]) == 2
+    err = capsys.readouterr().err  # transformers' loading progress bars, then the error
+    assert err.endswith("\n") and re.match(r"hpa-calibrate: error: .*" + match, err.splitlines()[-1]), err
+    assert not out.exists()
+
+
 def test_adjust_streams_bf16_tensors_and_checks_before_writing(tmp_path) -> None:
     """A hand-written bf16 checkpoint: each named tensor gets the functional edit with the depth of
     its name, the rest stays bit-equal; bad inputs fail before ``out`` is created."""
@@ -191,11 +224,12 @@ def _sharded_pair(tmp_path, generator):
 
 @pytest.mark.parametrize("failure", ["nan", "wrong_shard", "missing_shard", "backend", "write"])
 @pytest.mark.parametrize("out_exists", [False, True], ids=["no-out", "empty-out"])
-def test_failed_adjust_leaves_no_checkpoint(tmp_path, monkeypatch, failure: str, out_exists: bool) -> None:
+def test_failed_adjust_leaves_no_checkpoint(tmp_path, monkeypatch, capsys, failure: str, out_exists: bool) -> None:
     """A failed hpa-adjust (a NaN in one tensor of the *after* checkpoint, a wrong shard in an
     index, an unknown --backend) leaves ``--out`` as it was (absent, or empty) and no temporary
     folder: every check runs before anything is written and the copy is renamed into place only
-    on success, so no half-edited checkpoint can load."""
+    on success, so no half-edited checkpoint can load. Bad input is reported as argparse reports
+    bad arguments (``hpa-adjust: error: ...``, status 2), a failure while writing is raised."""
     from hpa_kernels import ops
 
     names, after, hinv = _sharded_pair(tmp_path, torch.Generator().manual_seed(0))
@@ -226,11 +260,14 @@ def test_failed_adjust_leaves_no_checkpoint(tmp_path, monkeypatch, failure: str,
     save_hinv({name.removesuffix(".weight"): vec for name, vec in hinv.items()}, tmp_path / "hinv.safetensors")
     argv = ["--before", str(tmp_path / "before"), "--after", str(tmp_path / "after"), "--out", str(out)]
     argv += ["--safety", str(tmp_path / "hinv.safetensors"), "--task", str(tmp_path / "hinv.safetensors")]
-    error = RuntimeError if failure == "write" else ValueError
     match = {"nan": "NaN", "wrong_shard": "does not hold", "missing_shard": "does not exist",
              "backend": "unknown HPA kernels backend", "write": "disk full"}[failure]  # fmt: skip
-    with pytest.raises(error, match=match):
-        adjust_main([*argv, "--backend", backend])
+    if failure == "write":  # not bad input: the error propagates
+        with pytest.raises(RuntimeError, match=match):
+            adjust_main([*argv, "--backend", backend])
+    else:  # bad input: one line on stderr, exit status 2
+        assert adjust_main([*argv, "--backend", backend]) == 2
+        assert re.match(r"hpa-adjust: error: .*" + match, capsys.readouterr().err)
     assert (out.is_dir() and not any(out.iterdir())) if out_exists else not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["before", "after", "hinv.safetensors", *(["out"] if out_exists else [])]

@@ -46,6 +46,17 @@ def _cut(sample: dict[str, Tensor], max_length: int, keep_id: int | None) -> dic
     return {k: v[..., :keep] if isinstance(v, Tensor) and v.shape == ids.shape else v for k, v in sample.items()}
 
 
+def _json_line(line: str, where: str) -> dict[str, Any]:
+    """One JSONL record; a line that is not a JSON object raises ValueError naming ``where``."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{where}: not JSON ({error.msg} at column {error.colno})") from error
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    return record
+
+
 def _read_jsonl(
     path: Path,
     fields: Sequence[str],
@@ -54,8 +65,10 @@ def _read_jsonl(
     max_samples: int | None,
     processor: Any = None,
     dtype: torch.dtype = torch.float32,
+    vocab_size: int | None = None,
 ) -> Iterator[dict[str, Tensor]]:
-    """One batch of model inputs per JSONL line (see :func:`calibrate_checkpoint`), lazily."""
+    """One batch of model inputs per JSONL line (see :func:`calibrate_checkpoint`), lazily;
+    ``input_ids`` outside ``[0, vocab_size)`` raise ValueError naming the line."""
     from transformers.image_utils import load_image
 
     count = 0
@@ -68,13 +81,15 @@ def _read_jsonl(
             if not line.strip():
                 continue
             where = f"{path}:{line_number}"
-            record = json.loads(line)
+            record = _json_line(line, where)
             images = _images_of(record, where, path.parent)
             if images and processor is None:
                 raise ValueError(f"{where}: image samples need the model's processor (AutoProcessor)")
             pictures = [load_image(str(image)) for image in images]
             if "input_ids" in record:
                 ids = torch.tensor([record["input_ids"]], dtype=torch.long)
+                if vocab_size is not None and ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < vocab_size):
+                    raise ValueError(f"{where}: input_ids outside the model's vocabulary [0, {vocab_size})")
                 sample = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
                 if pictures:  # the ids hold the image tokens already: only the pixel values are read
                     sample.update(processor.image_processor(images=pictures, return_tensors="pt"))
@@ -168,8 +183,10 @@ def calibrate_checkpoint(
         ``{weight parameter name: (in_features,) float32}``, as written.
 
     Raises:
-        ValueError: an empty calibration set, a line without the fields, a missing image, images
-            without a processor, a layer without tokens.
+        FileNotFoundError: ``model_dir`` without ``config.json``, or no ``data`` file.
+        ValueError: an empty calibration set, a line that is not a JSON object, a line without the
+            fields, ``input_ids`` outside the vocabulary, a missing image, images without a
+            processor, text without a tokenizer, a layer without tokens.
     """
     import transformers
 
@@ -178,16 +195,20 @@ def calibrate_checkpoint(
 
     config = config or HPAConfig()
     model_dir, data = Path(model_dir), Path(data)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir}: not a save_pretrained directory (no config.json)")
+    if not data.is_file():
+        raise FileNotFoundError(f"{data}: no such file")
+    needs_processor = needs_tokenizer = False
+    with open(data) as handle:
+        for line_number, line in enumerate(handle, 1):
+            if line.strip():
+                record = _json_line(line, f"{data}:{line_number}")
+                needs_processor = needs_processor or record.get("image") is not None
+                needs_tokenizer = needs_tokenizer or "input_ids" not in record
     model_cls = _model_class(model_dir, auto_class)
     dtype_key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"  # renamed in v5
     model = model_cls.from_pretrained(str(model_dir), local_files_only=True, **{dtype_key: dtype}).eval()
-    needs_processor = needs_tokenizer = False
-    with open(data) as handle:
-        for line in handle:
-            if line.strip():
-                record = json.loads(line)
-                needs_processor = needs_processor or record.get("image") is not None
-                needs_tokenizer = needs_tokenizer or "input_ids" not in record
     source = str(tokenizer_dir or model_dir)
     tokenizer = processor = None
     if needs_processor:
@@ -200,8 +221,16 @@ def calibrate_checkpoint(
         if not hasattr(processor, "image_processor"):
             raise ValueError(f"{data}: lines with an image need the model's processor, and {source} has none")
     elif needs_tokenizer:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(source, local_files_only=True)
-    samples = _read_jsonl(data, fields, tokenizer, max_length, max_samples, processor, dtype)
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(source, local_files_only=True)
+        except (OSError, ValueError) as error:
+            raise ValueError(
+                f"{data}: text lines need a tokenizer, and {source} has none that loads (pass --tokenizer, or "
+                f"give input_ids; {type(error).__name__})"
+            ) from error
+    embeddings = model.get_input_embeddings()
+    vocab_size = getattr(embeddings, "num_embeddings", None)
+    samples = _read_jsonl(data, fields, tokenizer, max_length, max_samples, processor, dtype, vocab_size)
     first = next(samples, None)
     if first is None:
         raise ValueError(f"{data}: no calibration sample")
