@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import io
 
+import pytest
 import torch
 from helpers import DEFAULT_BACKEND, calibrate, optim_info, optims, train
 from torch import nn
@@ -61,3 +64,74 @@ def test_online_mode_without_refresh_only_projects(info):
     weight = optimizer.hpa_layers["blocks.0.q"].module.weight
     assert not optimizer.state[weight]["hpa_mask"].any()
     assert not torch.equal(weight, plain_optimizer.hpa_layers["blocks.0.q"].module.weight)
+
+
+def _lagged(info, model, **overrides):
+    """The record's online optimizer with ``online_projection="lagged"``."""
+    return info.build(model, lr=1e-2, hpa=dataclasses.replace(info.hpa, online_projection="lagged"), **overrides)
+
+
+@optims("online")
+def test_lagged_online_mode_keeps_its_invariants_after_every_step(info):
+    """online_projection="lagged" (columns refreshed every 3 steps): after every step the retained
+    columns equal W_prev bit for bit and ⟨ΔW − c_next·W_prev, W_prev⟩ = 0 over the free columns,
+    c_next = ``state["hpa_online_coef"]`` (the component the next step removes); a refresh leaves
+    no pending coefficient (c_next = 0: ΔW ⟂ W_prev there); ``end_task`` projects the whole
+    pending ΔW (its c_l is Step 3's on the weights it edits) and drops the coefficient."""
+    torch.manual_seed(0)
+    model = info.model(width=20)
+    optimizer = _lagged(info, model)
+    optimizer.begin_task(calibrate(model, optimizer, info.batches(2, 40)))
+    w_prev = {name: layer.module.weight.detach().clone() for name, layer in optimizer.hpa_layers.items()}
+    for step, (tokens, labels) in enumerate(info.batches(8, 41), start=1):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(tokens), labels).backward()
+        optimizer.step()
+        for name, layer in optimizer.hpa_layers.items():
+            state = optimizer.state[layer.module.weight]
+            weight, mask, coef = layer.module.weight.detach(), state["hpa_mask"], state["hpa_online_coef"]
+            assert coef.shape == () and coef.dtype == torch.float32
+            assert torch.equal(weight[:, mask], w_prev[name][:, mask]), name
+            free_prev = w_prev[name].double()[:, ~mask]
+            delta = weight.double()[:, ~mask] - free_prev
+            residual = float(((delta - coef.item() * free_prev) * free_prev).sum())
+            assert abs(residual) <= 1e-5 * float(delta.norm() * free_prev.norm()), name
+            assert (coef.item() == 0.0) == (step % 3 == 0), (name, step)  # refreshed at steps 3 and 6
+    expected = {}
+    for name, layer in optimizer.hpa_layers.items():
+        delta = (layer.module.weight.detach() - w_prev[name]).double()
+        expected[name] = float((delta * w_prev[name].double()).sum() / w_prev[name].double().square().sum())
+    report = optimizer.end_task(calibrate(model, optimizer, info.batches(2, 42)))
+    for name, layer_report in report.items():
+        assert layer_report.coef == pytest.approx(expected[name], rel=1e-4, abs=1e-9), name
+    assert all("hpa_online_coef" not in state for state in optimizer.state.values())
+
+
+@optims("online", backends=[DEFAULT_BACKEND])
+def test_lagged_coefficient_is_saved_and_a_resume_continues_bit_for_bit(info):
+    """The pending coefficient is part of the state dict: a copy of the model and optimizer loaded
+    mid-task takes the same next steps, bit for bit; a coefficient of another shape is refused."""
+    torch.manual_seed(0)
+    model = info.model()
+    optimizer = _lagged(info, model)
+    optimizer.begin_task(calibrate(model, optimizer, info.batches(2, 45)))
+    train(model, optimizer, info.batches(2, 46))
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optim": optimizer.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    coefs = [state["hpa_online_coef"] for state in saved["optim"]["state"].values() if "hpa_online_coef" in state]
+    assert len(coefs) == len(optimizer.hpa_layers) and any(c.item() != 0.0 for c in coefs)
+    resumed_model = info.model()
+    resumed_model.load_state_dict(saved["model"])
+    resumed = _lagged(info, resumed_model)
+    resumed.load_state_dict(saved["optim"])
+    batches = info.batches(2, 47)  # steps 3 (a refresh) and 4
+    train(model, optimizer, batches)
+    train(resumed_model, resumed, batches)
+    for (name, weight), other in zip(model.state_dict().items(), resumed_model.state_dict().values()):
+        assert torch.equal(weight, other), name
+    bad = copy.deepcopy(saved["optim"])
+    next(s for s in bad["state"].values() if "hpa_online_coef" in s)["hpa_online_coef"] = torch.zeros(2)
+    with pytest.raises(ValueError, match="'hpa_online_coef' of .* expected one element"):
+        resumed.load_state_dict(bad)

@@ -167,7 +167,8 @@ void apply_row_base(const typename Storage<D>::Raw* pr, const typename Storage<D
 // Online step pass 1 on columns [j0, j1) of one row: AdamW, retained columns reset to W_prev,
 // column energies, and the row's <dW, W_prev> and ||W_prev (1 - M)||^2 terms of the values written.
 // kLagged: the free columns get round(W_a - lag W_prev) (the previous step's coefficient, applied in
-// this pass), else round(W_a).
+// this pass), else round(W_a). The mask comes widened to 32 bits (one word per column, nonzero =
+// retained): every stream of the loop is then 32 bits wide and it vectorises at the full width.
 template <int D>
 struct OnlineRow {
   typename Storage<D>::Raw* pr;
@@ -175,7 +176,7 @@ struct OnlineRow {
   const typename Storage<D>::Raw* wr;
   float* mr;
   float* vr;
-  const uint8_t* mask;
+  const uint32_t* mask;
   float* acc;
 };
 
@@ -189,7 +190,7 @@ HPA_ALWAYS_INLINE void online_seg(const OnlineRow<D>& row, int64_t j0, int64_t j
   const Raw* __restrict wr = row.wr;
   float* __restrict mr = row.mr;
   float* __restrict vr = row.vr;
-  const uint8_t* __restrict mask = row.mask;
+  const uint32_t* __restrict mask = row.mask;
   float* __restrict acc = row.acc;
   const AdamWStepConsts k = kc;
   float rdot = 0.0f, rnorm = 0.0f;
@@ -386,6 +387,13 @@ void online_typed(int64_t n, const OnlineLayer* layers, const AdamWHyper& h, con
     }
   }
   const int64_t nitems = static_cast<int64_t>(item_layer.size());
+  // Each layer's mask widened to one 32-bit word per column (see OnlineRow).
+  std::vector<int64_t> mask0(static_cast<size_t>(n) + 1, 0);  // first wide-mask word of each layer
+  for (int64_t l = 0; l < n; ++l) mask0[static_cast<size_t>(l) + 1] = mask0[static_cast<size_t>(l)] + layers[l].cols;
+  std::vector<uint32_t> wide_mask(static_cast<size_t>(mask0[static_cast<size_t>(n)]));
+  for (int64_t l = 0; l < n; ++l)
+    for (int64_t j = 0; j < layers[l].cols; ++j)
+      wide_mask[static_cast<size_t>(mask0[static_cast<size_t>(l)] + j)] = layers[l].mask[j] != 0 ? 1u : 0u;
   std::vector<float> partial(static_cast<size_t>(part0[static_cast<size_t>(n)]), 0.0f);
   std::vector<double> dots(static_cast<size_t>(ntasks), 0.0), norms(static_cast<size_t>(ntasks), 0.0);
   const OnlineSegFn<D> seg =
@@ -446,7 +454,8 @@ void online_typed(int64_t n, const OnlineLayer* layers, const AdamWHyper& h, con
       const AdamWStepConsts k = consts[static_cast<size_t>(l)];
       double dot = 0.0, norm = 0.0;
       for (int64_t i = r0; i < r1; ++i) {
-        const OnlineRow<D> row{Pm + i * c, G + i * c, W0 + i * c, L.exp_avg + i * c, L.exp_avg_sq + i * c, L.mask, acc};
+        const OnlineRow<D> row{Pm + i * c, G + i * c, W0 + i * c, L.exp_avg + i * c, L.exp_avg_sq + i * c,
+                               wide_mask.data() + mask0[static_cast<size_t>(l)], acc};
         for (int64_t j0 = c0; j0 < c1; j0 += kRowSpan) {
           const int64_t j1 = std::min(c1, j0 + kRowSpan);
           float rdot = 0.0f, rnorm = 0.0f;
