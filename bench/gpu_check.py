@@ -53,6 +53,7 @@ import warnings
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -512,11 +513,19 @@ def _bench_cases(sizes: Sizes, device: Any, dtype: Any, backends: list[str]) -> 
             torch.zeros(cols, device=device),
         )
 
-        def online(state=state, backend=backend):
+        lagged = ops.OnlineProjection(mode="lagged", coef=torch.zeros((), device=device))
+
+        def online(state=state, backend=backend, projection=None):
             param, grad, exp_avg, exp_avg_sq, step, col_energy = state
-            ops.online_step(param, grad, exp_avg, exp_avg_sq, step, w_prev, mask, col_energy, **HYPER, backend=backend)
+            ops.online_step(
+                param, grad, exp_avg, exp_avg_sq, step, w_prev, mask, col_energy, **HYPER,
+                projection=projection, backend=backend,
+            )  # fmt: skip
 
         yield BenchCase("online_step", backend, label, rows * cols, online_bytes(rows, cols, size), online)
+        # The lagged projection: pass 1's bytes only.
+        one_pass = online_bytes(rows, cols, size, orthogonal=False)
+        yield BenchCase("online_step_lagged", backend, label, rows * cols, one_pass, partial(online, projection=lagged))
 
 
 def bench_report(dry_run: bool) -> Report:

@@ -56,9 +56,7 @@ def online_layer_step(
         grad_scale, found_inf: the AMP ``GradScaler`` tensors, or ``None``.
         backend: kernels backend name (``"auto"`` allowed).
     """
-    lagged = config.orthogonal and config.online_projection == "lagged"
-    coef = state["hpa_online_coef"] if lagged else 0.0
-    projection = ops.OnlineProjection(config.orthogonal, config.online_projection, coef)
+    projection = ops.OnlineProjection(config.orthogonal, config.online_projection, state["hpa_online_coef"])
     next_coef = ops.online_step(
         working,
         grad,
@@ -74,7 +72,7 @@ def online_layer_step(
         projection=projection,
         backend=backend,
     )
-    if lagged:
+    if projection.lagged:
         state["hpa_online_coef"].copy_(next_coef)
 
 
