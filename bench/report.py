@@ -101,7 +101,7 @@ def bench_steps(report: Report, spec: ModelSpec, args: argparse.Namespace) -> No
             "vs_fused_min": timing.min / timings["adamw-fused"].min,
         }
         _log(
-            f"{spec.name:14s} {variant.name:20s} {timing.median * 1e3:10.2f} ms  {rows[variant.name]['gbps']:6.2f} GB/s"
+            f"{spec.name:14s} {variant.name:24s} {timing.median * 1e3:10.2f} ms  {rows[variant.name]['gbps']:6.2f} GB/s"
         )
     report.steps.extend(rows.values())
     optimizers.clear()
