@@ -257,8 +257,10 @@ class HPAOptimizer(Optimizer):
         task, ``hpa_prev`` (W_prev, the parameter's dtype) and ``hpa_hinv_safety`` (fp32 (c,));
         with master weights, ``master_param`` (fp32); in online mode, ``hpa_mask`` (bool (c,)),
         ``hpa_col_energy`` (fp32 (c,)) and ``hpa_online_coef`` (fp32 0-d, the lagged projection's
-        pending coefficient). ``"hpa"`` also counts the online steps and lists, as plain dicts, the
-        layers a failed ``end_task`` already edited (``"edited"``), so a resumed retry skips them.
+        pending coefficient). ``"hpa"`` also counts the online steps, lists, as plain dicts, the
+        layers a failed ``end_task`` already edited (``"edited"``), so a resumed retry skips them,
+        and holds the :class:`HPAConfig` as plain values (``"config"``; a load into an optimizer
+        with another config warns, naming the fields, and keeps the optimizer's own).
         """
         state = super().state_dict()
         state["hpa"] = {
@@ -266,6 +268,7 @@ class HPAOptimizer(Optimizer):
             "tasks_completed": self._tasks_completed,
             "online_steps": self._online_steps,
             "edited": {name: report.as_dict() for name, report in self._edited.items()},
+            "config": optim_state.config_values(self.hpa),
         }
         return state
 
@@ -291,6 +294,14 @@ class HPAOptimizer(Optimizer):
         state_dict = dict(state_dict)
         optim_state.check_saved_groups(state_dict["param_groups"])
         lifecycle = optim_state.saved_lifecycle(state_dict, self._tasks_completed)
+        changed = optim_state.config_differences(lifecycle.get("config"), self.hpa)
+        if changed:
+            warnings.warn(
+                "HPAOptimizer.load_state_dict: the state was saved under another HPAConfig; this optimizer "
+                f"keeps its own ({'; '.join(changed)})",
+                UserWarning,
+                stacklevel=2,
+            )
         state_dict.pop("hpa", None)
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)

@@ -5,10 +5,13 @@ before anything is loaded."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, MutableMapping
+from dataclasses import fields
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from .config import HPAConfig
 
 # Group keys torch's own schedulers write into the groups (LRScheduler, OneCycleLR, CyclicLR, SWALR):
 # kept as torch.optim.AdamW keeps them, so a scheduler resumes from a loaded state dict.
@@ -195,6 +198,21 @@ def restore_state(
         for key, value in saved.items():
             if isinstance(value, Tensor) or key == "step":
                 state[param][key] = restored_value(key, value, param)
+
+
+def config_values(config: HPAConfig) -> dict[str, Any]:
+    """``config`` as plain values (tuples as lists), as the ``"hpa"`` entry of a state dict keeps it
+    (loadable with ``torch.load(..., weights_only=True)``)."""
+    return {f.name: list(v) if isinstance(v := getattr(config, f.name), tuple) else v for f in fields(config)}
+
+
+def config_differences(saved: Mapping[str, Any] | None, config: HPAConfig) -> list[str]:
+    """``"name: saved -> current"`` for every field of a saved :func:`config_values` that differs
+    from ``config`` (none when the state dict saved no config)."""
+    if not saved:
+        return []
+    current = config_values(config)
+    return [f"{k}: {saved[k]!r} -> {current[k]!r}" for k in current if k in saved and saved[k] != current[k]]
 
 
 def saved_lifecycle(state_dict: Mapping[str, Any], tasks_completed: int) -> dict[str, Any]:

@@ -190,6 +190,33 @@ def test_state_of_another_model_is_refused_and_nothing_loaded(info):
     assert not wider_optimizer.in_task
 
 
+@optims("hpa", backends=["torch"])
+def test_state_dict_keeps_the_config_and_a_load_under_another_warns(info):
+    """``state_dict()["hpa"]["config"]`` is the HPAConfig as plain values (``weights_only``
+    loadable); loading it into an optimizer with another config warns, naming each changed field,
+    and the optimizer keeps its own config; under the same config no warning."""
+    import warnings
+
+    from hpa_kernels import HPAConfig
+
+    _, optimizer = _open_task_state(info, torch.float32)
+    buffer = io.BytesIO()
+    torch.save(optimizer.state_dict(), buffer)
+    saved = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
+    assert saved["hpa"]["config"]["p_max"] == optimizer.hpa.p_max
+    assert saved["hpa"]["config"]["alpha_bounds"] == list(optimizer.hpa.alpha_bounds)
+
+    same = info.build(info.model(), lr=1e-2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        same.load_state_dict(saved)
+    other_config = HPAConfig(p_max=0.3, alpha_bounds=(0.2, 0.9))
+    other = info.build(info.model(), lr=1e-2, hpa=other_config)
+    with pytest.warns(UserWarning, match=r"p_max: 0\.15 -> 0\.3; alpha_bounds: \[0\.4, 0\.8\] -> \[0\.2, 0\.9\]"):
+        other.load_state_dict(saved)
+    assert other.hpa == other_config and other.in_task
+
+
 @optims("adamw", backends=["torch"])
 @pytest.mark.parametrize("scheduler", ["OneCycleLR", "SWALR"])
 def test_state_dicts_with_scheduler_group_keys_load_as_into_adamw(info, scheduler):
