@@ -89,27 +89,7 @@ def adamw_launches(
     staging = Staging()
     groups: dict[int, list[tuple[Tensor, Tensor, Tensor, Tensor, Tensor]]] = {}
     for p, g, m, v, s in zip(*tensors):
-        if (
-            p.is_contiguous()
-            and g.is_contiguous()
-            and m.is_contiguous()
-            and v.is_contiguous()
-            and g.dtype == p.dtype
-            and s.dtype == torch.float32
-            and m.device == v.device == s.device == device
-        ):  # the kernels' layout already: the caller's own tensors
-            groups.setdefault(DTYPE_CODES[p.dtype], []).append((p, g, m, v, s))
-            continue
-        p_ = staging.dense(p)
-        entry = (
-            p_,
-            staging.like(g, p_, dtype=p.dtype),
-            staging.like(m, p_, write_back=True),
-            staging.like(v, p_, write_back=True),
-            staging.dense(s.reshape(()), dtype=torch.float32, device=device),
-        )
-        staging.keep.extend(entry)  # the launches take addresses: keep every copy alive until finish
-        groups.setdefault(DTYPE_CODES[p.dtype], []).append(entry)
+        groups.setdefault(DTYPE_CODES[p.dtype], []).append(staging.adamw(p, g, m, v, s))
     scale_ptr = staging.scalar_ptr(h.grad_scale, device)
     inf_ptr = staging.scalar_ptr(h.found_inf, device)
     launches = [

@@ -68,6 +68,34 @@ class Staging:
             self._writebacks.append((t, tmp))
         return tmp
 
+    def adamw(self, p: Tensor, g: Tensor, m: Tensor, v: Tensor, s: Tensor) -> tuple[Tensor, ...]:
+        """One parameter's ``(p, g, m, v, step)`` in the layout of the AdamW kernels: p dense, g
+        (in p's dtype), m and v in p's dense strides, step a dense fp32 0-d tensor on p's device.
+        Tensors already so are returned as they are (no copy); copies of those the step updates
+        are written back by :meth:`finish`, and every copy is kept alive until then (the kernels
+        take addresses)."""
+        device = p.device
+        if (
+            p.is_contiguous()
+            and g.is_contiguous()
+            and m.is_contiguous()
+            and v.is_contiguous()
+            and g.dtype == p.dtype
+            and s.dtype == torch.float32
+            and m.device == v.device == s.device == device
+        ):
+            return p, g, m, v, s
+        p_ = self.dense(p)
+        entry = (
+            p_,
+            self.like(g, p_, dtype=p.dtype),
+            self.like(m, p_, write_back=True),
+            self.like(v, p_, write_back=True),
+            self.dense(s.reshape(()), dtype=torch.float32, device=device),
+        )
+        self.keep.extend(entry)
+        return entry
+
     def online(self, t: OnlineTensors) -> OnlineTensors:
         """``t`` (r and c > 0) in the layout of the online-step kernels: the (r, c) tensors and
         ``col_energy`` contiguous (those the step updates written back by :meth:`finish`),

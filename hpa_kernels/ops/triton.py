@@ -371,17 +371,9 @@ def _adamw_launch(tensors: AdamWTensors, device: torch.device, hyper: AdamWHyper
     groups: dict[torch.dtype, list[tuple[Tensor, ...]]] = {}
     steps = []
     for p, g, m, v, s in zip(*tensors):
-        p_ = staging.dense(p)
-        entry = (
-            p_,
-            staging.like(g, p_, dtype=p.dtype),
-            staging.like(m, p_, write_back=True),
-            staging.like(v, p_, write_back=True),
-            staging.dense(s.reshape(()), dtype=torch.float32, device=device),
-        )
+        entry = staging.adamw(p, g, m, v, s)
         steps.append(entry[4])
-        if p_.numel() > 0:
-            staging.keep.extend(entry)  # the table holds addresses: keep every copy alive until finish
+        if p.numel() > 0:
             groups.setdefault(p.dtype, []).append(entry)
     for dtype, entries in groups.items():
         table, num_blocks = _adamw_table(entries, device)
