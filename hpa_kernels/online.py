@@ -16,7 +16,7 @@ snapshot W_prev and mask M (the retained columns): W[:, M] == W_prev[:, M], and 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Mapping, MutableMapping, Sequence
 from typing import Any
 
 import torch
@@ -28,11 +28,8 @@ from .functional import column_scores_from_energy, count_columns, projection_coe
 from .optim_state import adamw_hyperparameters
 
 
-def online_layer_step(
-    working: Tensor,
-    grad: Tensor,
-    state: MutableMapping[str, Tensor],
-    prev: Tensor,
+def online_layers_step(
+    layers: Sequence[tuple[Tensor, Tensor, MutableMapping[str, Tensor], Tensor]],
     group: Mapping[str, Any],
     *,
     config: HPAConfig,
@@ -40,40 +37,51 @@ def online_layer_step(
     found_inf: Tensor | None,
     backend: str,
 ) -> None:
-    """One online step of one managed weight, in place (:func:`hpa_kernels.ops.online_step`):
-    AdamW, the retained columns back to W_prev, ΔW made orthogonal to W_prev (exact), or the
-    previous step's component removed and the next one stored in ``state["hpa_online_coef"]``
-    (lagged), and the attempted update's column energies accumulated into ``state["hpa_col_energy"]``.
+    """One online step of managed weights of one param group and device, in place, in one
+    :func:`hpa_kernels.ops.online_steps` call (each weight's result that of its own
+    :func:`hpa_kernels.ops.online_step`): AdamW, the retained columns back to W_prev, ΔW made
+    orthogonal to W_prev (exact), or the previous step's component removed and the next one
+    stored in ``state["hpa_online_coef"]`` (lagged), and the attempted update's column energies
+    accumulated into ``state["hpa_col_energy"]``.
 
     Args:
-        working: (r, c) the tensor the step updates (the fp32 master copy, or the weight).
-        grad: (r, c) its gradient, in ``working``'s dtype.
-        state: the weight's optimizer state (``exp_avg``, ``exp_avg_sq``, ``step``, ``hpa_mask``,
-            ``hpa_col_energy``, ``hpa_online_coef``: fp32 0-d, c_prev of the lagged projection).
-        prev: (r, c) W_prev in ``working``'s dtype.
-        group: the weight's param group (``lr``, ``betas``, ``eps``, ``weight_decay``, ``maximize``).
+        layers: per weight ``(working, grad, state, prev)``: the (r, c) tensor the step updates
+            (the fp32 master copy, or the weight), its gradient in ``working``'s dtype, the
+            weight's optimizer state (``exp_avg``, ``exp_avg_sq``, ``step``, ``hpa_mask``,
+            ``hpa_col_energy``, ``hpa_online_coef``: fp32 0-d, c_prev of the lagged projection)
+            and W_prev in ``working``'s dtype.
+        group: the weights' param group (``lr``, ``betas``, ``eps``, ``weight_decay``, ``maximize``).
         config: ``orthogonal`` (HPA_SPEC.md Step 3) and ``online_projection``.
         grad_scale, found_inf: the AMP ``GradScaler`` tensors, or ``None``.
         backend: kernels backend name (``"auto"`` allowed).
     """
-    projection = ops.OnlineProjection(config.orthogonal, config.online_projection, state["hpa_online_coef"])
-    next_coef = ops.online_step(
-        working,
-        grad,
-        state["exp_avg"],
-        state["exp_avg_sq"],
-        state["step"],
-        prev,
-        state["hpa_mask"],
-        state["hpa_col_energy"],
+    if not layers:
+        return
+    tensors = [
+        ops.OnlineTensors(
+            working,
+            grad,
+            state["exp_avg"],
+            state["exp_avg_sq"],
+            state["step"],
+            prev,
+            state["hpa_mask"],
+            state["hpa_col_energy"],
+        )
+        for working, grad, state, prev in layers
+    ]
+    coefs = [state["hpa_online_coef"] for _, _, state, _ in layers]
+    projections = [ops.OnlineProjection(config.orthogonal, config.online_projection, coef) for coef in coefs]
+    next_coefs = ops.online_steps(
+        tensors,
         **adamw_hyperparameters(group),
         grad_scale=grad_scale,
         found_inf=found_inf,
-        projection=projection,
+        projections=projections,
         backend=backend,
     )
-    if projection.lagged:
-        state["hpa_online_coef"].copy_(next_coef)
+    if projections[0].lagged:
+        torch._foreach_copy_(coefs, list(next_coefs.unbind()))
 
 
 def refresh_mask(

@@ -398,26 +398,28 @@ class HPAOptimizer(Optimizer):
         grad_scale: Tensor | None,
         found_inf: Tensor | None,
     ) -> None:
-        """The online HPA step of each managed weight (:func:`online.online_layer_step`):
-        AdamW, then the retained columns back to W_prev and ΔW made orthogonal to W_prev (exactly,
-        or but for the lagged coefficient the next step removes); every ``refresh_every`` steps a
-        new column mask from the accumulated update energies."""
+        """The online HPA step of every managed weight, one :func:`online.online_layers_step`
+        call per (param group, device): AdamW, then the retained columns back to W_prev and ΔW
+        made orthogonal to W_prev (exactly, or but for the lagged coefficient the next step
+        removes); every ``refresh_every`` steps a new column mask from the accumulated update
+        energies."""
+        batches: dict[tuple[int, torch.device], tuple[dict[str, Any], list]] = {}
+        masters: list[tuple[Tensor, Tensor]] = []
         for name, group in online_weights.values():
             weight = self.hpa_layers[name].module.weight
             working = self._working_weight(weight)
-            online.online_layer_step(
-                working,
-                weight.grad if working.dtype == weight.dtype else weight.grad.float(),
-                self.state[weight],
-                self._snapshot(weight),
-                group,
-                config=self.hpa,
-                grad_scale=grad_scale,
-                found_inf=found_inf,
-                backend=self.backend,
+            grad = weight.grad if working.dtype == weight.dtype else weight.grad.float()
+            state = self.state[weight]
+            batch = batches.setdefault((id(group), working.device), (group, []))[1]
+            batch.append((working, grad, state, self._snapshot(weight)))
+            if "master_param" in state:
+                masters.append((weight.detach(), working))
+        for group, layers in batches.values():
+            online.online_layers_step(
+                layers, group, config=self.hpa, grad_scale=grad_scale, found_inf=found_inf, backend=self.backend
             )
-            if "master_param" in self.state[weight]:
-                weight.detach().copy_(working)  # master weights: the parameter is the rounding
+        for weight, working in masters:
+            weight.copy_(working)  # master weights: the parameter is the rounding
         if found_inf is not None and bool(found_inf.item()):
             return  # a skipped step does not count towards the refresh (one host sync, online mode only)
         self._online_steps += 1

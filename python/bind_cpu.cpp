@@ -52,17 +52,43 @@ void hpa_apply(int dtype, int64_t r, int64_t c, uintptr_t prev, int64_t ps0, int
                       reinterpret_cast<const uint8_t*>(mask), static_cast<float>(coef));
 }
 
-double online_step(int dtype, int64_t r, int64_t c, uintptr_t param, uintptr_t grad, uintptr_t exp_avg,
-                   uintptr_t exp_avg_sq, uintptr_t step, uintptr_t w_prev, uintptr_t mask, uintptr_t col_energy,
-                   double lr, double beta1, double beta2, double eps, double weight_decay, bool maximize,
-                   uintptr_t grad_scale, uintptr_t found_inf, int projection, double lag_coef) {
+// One online step of n layers (lists of addresses and sizes, one entry per layer); returns the
+// layers' coefficients (hpa::cpu::online_step_multi).
+std::vector<double> online_steps(int dtype, const std::vector<int64_t>& rows, const std::vector<int64_t>& cols,
+                                 const std::vector<uintptr_t>& params, const std::vector<uintptr_t>& grads,
+                                 const std::vector<uintptr_t>& exp_avgs, const std::vector<uintptr_t>& exp_avg_sqs,
+                                 const std::vector<uintptr_t>& steps, const std::vector<uintptr_t>& w_prevs,
+                                 const std::vector<uintptr_t>& masks, const std::vector<uintptr_t>& col_energies,
+                                 const std::vector<double>& lags, double lr, double beta1, double beta2, double eps,
+                                 double weight_decay, bool maximize, uintptr_t grad_scale, uintptr_t found_inf,
+                                 int projection) {
+  const size_t n = rows.size();
+  for (size_t size : {cols.size(), params.size(), grads.size(), exp_avgs.size(), exp_avg_sqs.size(), steps.size(),
+                      w_prevs.size(), masks.size(), col_energies.size(), lags.size()}) {
+    if (size != n) throw std::invalid_argument("online_steps: layer lists differ in length");
+  }
+  std::vector<hpa::cpu::OnlineLayer> layers(n);
+  for (size_t l = 0; l < n; ++l) {
+    layers[l] = hpa::cpu::OnlineLayer{rows[l],
+                                      cols[l],
+                                      params[l],
+                                      grads[l],
+                                      reinterpret_cast<float*>(exp_avgs[l]),
+                                      reinterpret_cast<float*>(exp_avg_sqs[l]),
+                                      reinterpret_cast<float*>(steps[l]),
+                                      w_prevs[l],
+                                      reinterpret_cast<const uint8_t*>(masks[l]),
+                                      reinterpret_cast<float*>(col_energies[l]),
+                                      lags[l]};
+  }
   const hpa::AdamWHyper hyper{lr, beta1, beta2, eps, weight_decay, maximize};
-  const hpa::cpu::Projection proj{projection, lag_coef};
-  py::gil_scoped_release release;
-  return hpa::cpu::online_step(dtype, r, c, param, grad, reinterpret_cast<float*>(exp_avg),
-                               reinterpret_cast<float*>(exp_avg_sq), reinterpret_cast<float*>(step), w_prev,
-                               reinterpret_cast<const uint8_t*>(mask), reinterpret_cast<float*>(col_energy), hyper,
-                               ptr_or_null<float>(grad_scale), ptr_or_null<float>(found_inf), proj);
+  std::vector<double> coefs(n, 0.0);
+  {
+    py::gil_scoped_release release;
+    hpa::cpu::online_step_multi(dtype, static_cast<int64_t>(n), layers.data(), hyper, ptr_or_null<float>(grad_scale),
+                                ptr_or_null<float>(found_inf), projection, coefs.data());
+  }
+  return coefs;
 }
 
 py::tuple split_range(int64_t n, int64_t parts, int64_t k) {
@@ -78,7 +104,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("adamw", &adamw, "Multi-tensor AdamW over dense tensors of one storage dtype");
   m.def("hpa_reduce", &hpa_reduce, "HPA column energies (into col_energy) and Frobenius sums; returns (dot, norm_sq)");
   m.def("hpa_apply", &hpa_apply, "HPA masked, projected write");
-  m.def("online_step", &online_step, "Online HPA step; returns the projection coefficient");
+  m.def("online_steps", &online_steps, "Online HPA step of layers of one storage dtype; returns their coefficients");
   m.def("offset2d", &hpa::offset2d, "64-bit element offset i*stride0 + j*stride1 (index helper, for tests)");
   m.def("split_range", &split_range, "[begin, end) of part k of n items in `parts` parts (for tests)");
 #ifdef _OPENMP

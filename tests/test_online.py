@@ -135,3 +135,43 @@ def test_lagged_coefficient_is_saved_and_a_resume_continues_bit_for_bit(info):
     next(s for s in bad["state"].values() if "hpa_online_coef" in s)["hpa_online_coef"] = torch.zeros(2)
     with pytest.raises(ValueError, match="'hpa_online_coef' of .* expected one element"):
         resumed.load_state_dict(bad)
+
+
+@optims("online")
+@pytest.mark.parametrize("projection", ["exact", "lagged"])
+@pytest.mark.parametrize("master", [False, True], ids=["fp32", "bf16-master"])
+def test_one_online_steps_call_per_step_equals_one_call_per_layer(info, projection, master, monkeypatch):
+    """The online step of all managed weights is one ops.online_steps call (one param group, one
+    device), and its results (weights, master copies, moments, masks, energies, the lagged
+    coefficient, across a refresh) are bit for bit those of one ops.online_step call per layer."""
+    from hpa_kernels import ops
+
+    def per_layer(layers, *, projections, **kwargs):
+        return torch.stack([ops.online_step(*t, projection=p, **kwargs) for t, p in zip(layers, projections)])
+
+    multi = ops.online_steps
+    calls = []
+
+    def counted(layers, **kwargs):
+        calls.append(len(layers))
+        return multi(layers, **kwargs)
+
+    runs = []
+    for implementation in (counted, per_layer):
+        monkeypatch.setattr(ops, "online_steps", implementation)
+        torch.manual_seed(0)
+        model = info.model(width=20)
+        if master:
+            model = model.to(torch.bfloat16)
+        hpa = dataclasses.replace(info.hpa, online_projection=projection)
+        optimizer = info.build(model, lr=1e-2, hpa=hpa, master_weights=master)
+        optimizer.begin_task(calibrate(model, optimizer, info.batches(2, 48)))
+        train(model, optimizer, info.batches(4, 49))  # a refresh at step 3
+        runs.append((model, optimizer))
+    assert calls == [len(runs[0][1].hpa_layers)] * 4
+    (model, optimizer), (other_model, other) = runs
+    for (name, weight), other_weight in zip(model.state_dict().items(), other_model.state_dict().values()):
+        assert torch.equal(weight, other_weight), name
+    for p, q in zip(model.parameters(), other_model.parameters()):
+        for key, value in optimizer.state[p].items():
+            assert torch.equal(value, other.state[q][key]), key

@@ -445,6 +445,95 @@ def test_skipped_lagged_step_keeps_its_coefficient(backend, device):
     assert coef.item() == 0.125 and coef.shape == () and coef.dtype == torch.float32
 
 
+# Layers of one online_steps call: odd shapes (r or c = 1, empty, one above the CPU kernel's
+# single-thread size), every storage dtype, an all-retained and a no-retained mask, unequal step
+# counts and lagged coefficients.
+MULTI_LAYERS = [
+    ((1, 1), torch.float32, "random"),
+    ((1, 37), torch.bfloat16, "all"),
+    ((29, 1), torch.float16, "none"),
+    ((17, 33), torch.float32, "none"),
+    ((0, 5), torch.float32, "random"),
+    ((9, 64), torch.bfloat16, "random"),
+    ((23, 45), torch.float32, "all"),
+    ((130, 260), torch.float32, "random"),  # 33800 elements: several threads on "cpu"
+]
+
+
+def _multi_layers(device, small, seed=5):
+    gen = torch.Generator().manual_seed(seed)
+    layers, coefs = [], []
+    for k, (shape, dtype, kind) in enumerate(MULTI_LAYERS):
+        if small and shape[0] * shape[1] > 4096:
+            shape = (11, 13)
+        w_prev = torch.randn(shape, generator=gen)
+        mask = {"all": torch.ones(shape[1], dtype=torch.bool), "none": torch.zeros(shape[1], dtype=torch.bool)}.get(
+            kind, torch.rand(shape[1], generator=gen) < 0.3
+        )
+        tensors = ops.OnlineTensors(
+            param=(w_prev + 0.05 * torch.randn(shape, generator=gen)).to(device, dtype),
+            grad=torch.randn(shape, generator=gen).to(device, dtype),
+            exp_avg=(0.1 * torch.randn(shape, generator=gen)).to(device),
+            exp_avg_sq=(0.01 * torch.rand(shape, generator=gen)).to(device),
+            state_step=torch.tensor(float(k + 1), device=device),
+            w_prev=w_prev.to(device, dtype),
+            mask=mask.to(device),
+            col_energy=torch.rand(shape[1], generator=gen).to(device),
+        )
+        layers.append(tensors)
+        coefs.append(torch.tensor(0.0078125 * (k - 3), device=device))  # exact in every dtype
+    return layers, coefs
+
+
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+@pytest.mark.parametrize("mode", ["exact", "lagged", "none"])
+@pytest.mark.parametrize("amp", [None, 0.0, 1.0], ids=["plain", "scaled", "skipped"])
+def test_online_steps_equal_one_call_per_layer(backend, device, mode, amp):
+    """ops.online_steps over layers of odd shapes and dtypes returns, and writes, bit for bit what
+    one ops.online_step call per layer does (parameter, moments, step count, energies, coefficient),
+    plain, under a GradScaler and on a skipped step."""
+    small = backend == "triton" and not HAS_GPU
+    scaler = (
+        {}
+        if amp is None
+        else {"grad_scale": torch.tensor(8.0, device=device), "found_inf": torch.tensor(amp, device=device)}
+    )
+    orthogonal = mode != "none"
+    runs = []
+    for multi in (True, False):
+        layers, coefs = _multi_layers(device, small)
+        projections = [ops.OnlineProjection(orthogonal, "exact" if mode == "none" else mode, c) for c in coefs]
+        if multi:
+            out = ops.online_steps(layers, **HYPER, **scaler, projections=projections, backend=backend)
+            assert out.shape == (len(layers),) and out.dtype == torch.float32 and out.device.type == device
+            out = list(out.unbind())
+        else:
+            out = [
+                ops.online_step(*t, **HYPER, **scaler, projection=p, backend=backend)
+                for t, p in zip(layers, projections)
+            ]
+        runs.append((layers, out))
+    (multi_layers, multi_out), (single_layers, single_out) = runs
+    for k, (a, b) in enumerate(zip(multi_layers, single_layers)):
+        for name, x, y in zip(ops.OnlineTensors._fields, a, b):
+            assert torch.equal(_bits(x), _bits(y)), (k, name)
+        assert torch.equal(_bits(multi_out[k]), _bits(single_out[k].reshape(()))), k
+    if amp != 1.0 and orthogonal:
+        assert any(c.item() != 0.0 for c in multi_out)
+
+
+def test_online_steps_checks_each_layer():
+    """online_steps runs online_step's checks on every layer (naming it), and takes one projection
+    per layer and one device; no layers: an empty result."""
+    layers, coefs = _multi_layers("cpu", small=True)
+    bad = layers[3]._replace(grad=layers[3].grad.double())
+    with pytest.raises(TypeError, match=r"online_steps: layers\[3\]: online_step: grad and w_prev"):
+        ops.online_steps([*layers[:3], bad], **HYPER, backend="torch")
+    with pytest.raises(ValueError, match="2 layers but 1 projections"):
+        ops.online_steps(layers[:2], **HYPER, projections=[ops.OnlineProjection()], backend="torch")
+    assert ops.online_steps([], **HYPER).shape == (0,)
+
+
 def test_online_projection_refuses_unknown_modes():
     with pytest.raises(ValueError, match="OnlineProjection.mode must be one of"):
         ops.OnlineProjection(mode="delayed")

@@ -325,27 +325,15 @@ void apply_typed(int64_t r, int64_t c, Mat prev, Mat next, Mat out, const uint8_
   }
 }
 
-// One layer of the online step: contiguous row-major (rows, cols) tensors, as online_step.
-struct OnlineLayer {
-  int64_t rows;
-  int64_t cols;
-  uintptr_t param;
-  uintptr_t grad;
-  float* exp_avg;
-  float* exp_avg_sq;
-  float* step;
-  uintptr_t w_prev;
-  const uint8_t* mask;
-  float* col_energy;
-};
-
 // The online step over n layers in one OpenMP parallel region: pass 1 of every layer (each layer
 // cut into the same row x column tasks as a single-layer call, so every result is bit-identical to
 // n separate calls), then each layer's sums and coefficient, then (exact projection only) pass 2 of
-// every layer. The lagged projection is pass 1 alone: it applies p.lag and returns c_next.
+// every layer. The lagged projection is pass 1 alone: it applies each layer's lag and returns its
+// c_next. Pass-1 tasks are handed out largest first (whole layers of different sizes balance by
+// elements); the order tasks run in changes no result, each writing only its own slots.
 template <int D>
-void online_typed(int64_t n, const OnlineLayer* layers, const AdamWHyper& h, const float* grad_scale,
-                  const Projection& p, double* coefs) {
+void online_typed(int64_t n, const OnlineLayer* layers, const AdamWHyper& h, const float* grad_scale, int mode,
+                  double* coefs) {
   using S = Storage<D>;
   using Raw = typename S::Raw;
   const bool has_scale = grad_scale != nullptr;
@@ -369,12 +357,23 @@ void online_typed(int64_t n, const OnlineLayer* layers, const AdamWHyper& h, con
   }
   const int64_t ntasks = task0[static_cast<size_t>(n)];
   std::vector<int64_t> task_layer(static_cast<size_t>(ntasks));
-  for (int64_t l = 0; l < n; ++l)
-    for (int64_t q = task0[static_cast<size_t>(l)]; q < task0[static_cast<size_t>(l) + 1]; ++q)
+  std::vector<int64_t> task_size(static_cast<size_t>(ntasks));  // a layer's elements / its task count
+  for (int64_t l = 0; l < n; ++l) {
+    const int64_t count = task0[static_cast<size_t>(l) + 1] - task0[static_cast<size_t>(l)];
+    for (int64_t q = task0[static_cast<size_t>(l)]; q < task0[static_cast<size_t>(l) + 1]; ++q) {
       task_layer[static_cast<size_t>(q)] = l;
+      task_size[static_cast<size_t>(q)] = layers[l].rows * layers[l].cols / count;
+    }
+  }
+  std::vector<int64_t> order(static_cast<size_t>(ntasks));
+  for (int64_t q = 0; q < ntasks; ++q) order[static_cast<size_t>(q)] = q;
+  if (n > 1)
+    std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) {
+      return task_size[static_cast<size_t>(x)] > task_size[static_cast<size_t>(y)];
+    });
   // Pass-2 items: (layer, row block) of ~kRowItem elements; skipped at run time when c' = 0.
   constexpr int64_t kRowItem = int64_t{1} << 16;
-  const bool exact = p.mode == kProjectExact;
+  const bool exact = mode == kProjectExact;
   std::vector<int64_t> item_layer, item_row;
   if (exact) {
     for (int64_t l = 0; l < n; ++l) {
@@ -397,8 +396,7 @@ void online_typed(int64_t n, const OnlineLayer* layers, const AdamWHyper& h, con
   std::vector<float> partial(static_cast<size_t>(part0[static_cast<size_t>(n)]), 0.0f);
   std::vector<double> dots(static_cast<size_t>(ntasks), 0.0), norms(static_cast<size_t>(ntasks), 0.0);
   const OnlineSegFn<D> seg =
-      pick_online<D>(has_scale, n > 0 && consts[0].lerp_weight < 0.5f, p.mode == kProjectLagged);
-  const float lag = static_cast<float>(p.lag);
+      pick_online<D>(has_scale, n > 0 && consts[0].lerp_weight < 0.5f, mode == kProjectLagged);
   const ProjectRowFn<D> project = use_avx2() ? &project_row_avx2<D> : &project_row_base<D>;
   std::vector<float> cfs(static_cast<size_t>(n), 0.0f);
   std::vector<unsigned char> project_layer(static_cast<size_t>(n), 0);
@@ -424,7 +422,7 @@ void online_typed(int64_t n, const OnlineLayer* layers, const AdamWHyper& h, con
       for (int64_t a = 0; a < row_blocks; ++a) e += part[static_cast<size_t>(a * c + j)];
       L.col_energy[j] = static_cast<float>(static_cast<double>(L.col_energy[j]) + e);
     }
-    if (p.mode == kProjectLagged && norm > 0.0) coefs[l] = dot / norm;  // c_next, for the next step
+    if (mode == kProjectLagged && norm > 0.0) coefs[l] = dot / norm;  // c_next, for the next step
     if (exact && !(norm <= 0.0 || dot == 0.0)) {
       coefs[l] = dot / norm;
       cfs[static_cast<size_t>(l)] = static_cast<float>(coefs[l]);
@@ -432,13 +430,14 @@ void online_typed(int64_t n, const OnlineLayer* layers, const AdamWHyper& h, con
     }
   };
 
-#pragma omp parallel if (ntasks > 1 || total > kSmallWork)
+#pragma omp parallel if (total >= kSmallWork && (ntasks > 1 || nitems > 1))
   {
     // Pass 1: AdamW (lagged: minus lag W_prev), retained columns reset to W_prev, column energies of
     // the unconstrained update, and <dW, W_prev>, ||W_prev (1 - M)||^2 over the non-retained columns
     // of the stored result.
 #pragma omp for schedule(dynamic, 1) nowait
-    for (int64_t task = 0; task < ntasks; ++task) {
+    for (int64_t q = 0; q < ntasks; ++q) {
+      const int64_t task = order[static_cast<size_t>(q)];
       const int64_t l = task_layer[static_cast<size_t>(task)];
       const OnlineLayer& L = layers[l];
       const Tiling t = tiles[static_cast<size_t>(l)];
@@ -452,6 +451,7 @@ void online_typed(int64_t n, const OnlineLayer* layers, const AdamWHyper& h, con
       const Raw* G = reinterpret_cast<const Raw*>(L.grad);
       const Raw* W0 = reinterpret_cast<const Raw*>(L.w_prev);
       const AdamWStepConsts k = consts[static_cast<size_t>(l)];
+      const float lag = static_cast<float>(L.lag);
       double dot = 0.0, norm = 0.0;
       for (int64_t i = r0; i < r1; ++i) {
         const OnlineRow<D> row{Pm + i * c, G + i * c, W0 + i * c, L.exp_avg + i * c, L.exp_avg_sq + i * c,
@@ -487,26 +487,6 @@ void online_typed(int64_t n, const OnlineLayer* layers, const AdamWHyper& h, con
   }
 }
 
-// online_typed behind the GradScaler skip and the dtype switch; coefs[l] gets layer l's c' (exact)
-// or c_next (lagged).
-void online_step_multi(int dtype, int64_t n, const OnlineLayer* layers, const AdamWHyper& hyper,
-                       const float* grad_scale, const float* found_inf, const Projection& p, double* coefs) {
-  if (found_inf != nullptr && *found_inf != 0.0f) {  // GradScaler skip: nothing written, c_prev kept
-    for (int64_t l = 0; l < n; ++l) coefs[l] = p.mode == kProjectLagged ? p.lag : 0.0;
-    return;
-  }
-  switch (dtype) {
-    case kF32:
-      return online_typed<kF32>(n, layers, hyper, grad_scale, p, coefs);
-    case kBF16:
-      return online_typed<kBF16>(n, layers, hyper, grad_scale, p, coefs);
-    case kF16:
-      return online_typed<kF16>(n, layers, hyper, grad_scale, p, coefs);
-    default:
-      throw std::invalid_argument("online_step: unknown storage dtype code");
-  }
-}
-
 }  // namespace
 
 void hpa_reduce(int dtype, int64_t r, int64_t c, Mat prev, Mat next, double* col_energy, double* dot,
@@ -536,16 +516,25 @@ void hpa_apply(int dtype, int64_t r, int64_t c, Mat prev, Mat next, Mat out, con
   }
 }
 
-double online_step(int dtype, int64_t r, int64_t c, uintptr_t param, uintptr_t grad, float* exp_avg,
-                   float* exp_avg_sq, float* step, uintptr_t w_prev, const uint8_t* mask, float* col_energy,
-                   const AdamWHyper& hyper, const float* grad_scale, const float* found_inf,
-                   const Projection& projection) {
-  if (projection.mode < kProjectNone || projection.mode > kProjectLagged)
+// online_typed behind the mode check, the GradScaler skip and the dtype switch.
+void online_step_multi(int dtype, int64_t n, const OnlineLayer* layers, const AdamWHyper& hyper,
+                       const float* grad_scale, const float* found_inf, int projection, double* coefs) {
+  if (projection < kProjectNone || projection > kProjectLagged)
     throw std::invalid_argument("online_step: unknown projection mode code");
-  const OnlineLayer layer{r, c, param, grad, exp_avg, exp_avg_sq, step, w_prev, mask, col_energy};
-  double coef = 0.0;
-  online_step_multi(dtype, 1, &layer, hyper, grad_scale, found_inf, projection, &coef);
-  return coef;
+  if (found_inf != nullptr && *found_inf != 0.0f) {  // GradScaler skip: nothing written, c_prev kept
+    for (int64_t l = 0; l < n; ++l) coefs[l] = projection == kProjectLagged ? layers[l].lag : 0.0;
+    return;
+  }
+  switch (dtype) {
+    case kF32:
+      return online_typed<kF32>(n, layers, hyper, grad_scale, projection, coefs);
+    case kBF16:
+      return online_typed<kBF16>(n, layers, hyper, grad_scale, projection, coefs);
+    case kF16:
+      return online_typed<kF16>(n, layers, hyper, grad_scale, projection, coefs);
+    default:
+      throw std::invalid_argument("online_step: unknown storage dtype code");
+  }
 }
 
 }  // namespace cpu

@@ -28,6 +28,7 @@ import functools
 import importlib
 import importlib.util
 import os
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -38,6 +39,7 @@ from . import cuda as cuda  # registers "cuda"
 from . import torch_ref as torch_ref  # registers "torch"
 from .schema import ROW_BLOCK as ROW_BLOCK  # the reduce order's block size, re-exported
 from .schema import OnlineProjection as OnlineProjection  # online_step's projection, re-exported
+from .schema import OnlineTensors as OnlineTensors  # online_steps' layers, re-exported
 
 BACKENDS = ("torch", "cpu", "cuda", "triton")
 _DEVICE_TYPES = {"torch": None, "cpu": "cpu", "cuda": "cuda", "triton": "cuda"}
@@ -357,3 +359,54 @@ def online_step(
         projection = OnlineProjection()
     schema.check_online_step(tensors, hyper, projection, float64=kernels.float64)
     return kernels.online_step(tensors, hyper, projection)
+
+
+def online_steps(
+    layers: Sequence[schema.OnlineTensors],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool = False,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    projections: Sequence[OnlineProjection] | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """:func:`online_step` of several managed weights in one call: the same results, bit for bit,
+    as one :func:`online_step` call per layer with the same hyperparameters, in any order.
+
+    ``"cpu"`` steps all layers of one storage dtype and projection mode in one native call (one
+    OpenMP region over every layer's rows); the other backends call their single-layer kernels
+    once per layer.
+
+    Args:
+        layers: one :class:`OnlineTensors` per weight (``param``, ``grad``, ``exp_avg``,
+            ``exp_avg_sq``, ``state_step``, ``w_prev``, ``mask``, ``col_energy`` as the arguments
+            of :func:`online_step`), all on one device, any of the storage dtypes; distinct tensors.
+        lr, beta1, beta2, eps, weight_decay, maximize, grad_scale, found_inf: as :func:`online_step`,
+            shared by every layer.
+        projections: one :class:`OnlineProjection` per layer (each with its own lagged c_prev);
+            ``None``: exact for all.
+        backend: ``"auto"`` or one of :func:`available_backends`.
+
+    Returns:
+        (n,) float32 on the layers' device: entry k is what :func:`online_step` returns for
+        ``layers[k]`` (c', c_next or 0); empty for no layers.
+
+    Raises:
+        ValueError / TypeError: a layer :func:`online_step` refuses (its message, prefixed with the
+            layer's index), layers on more than one device, or projections not one per layer.
+    """
+    layers = list(layers)
+    projections = [OnlineProjection()] * len(layers) if projections is None else list(projections)
+    if not layers:
+        if projections:
+            raise ValueError(f"online_steps: 0 layers but {len(projections)} projections")
+        return torch.zeros(0, dtype=torch.float32)
+    kernels = _kernels(backend, layers[0].param.device)
+    hyper = schema.AdamWHyper(lr, beta1, beta2, eps, weight_decay, maximize, grad_scale, found_inf)
+    schema.check_online_steps(layers, hyper, projections, float64=kernels.float64)
+    return kernels.online_steps(layers, hyper, projections)

@@ -139,15 +139,35 @@ def online_empty(state_step: Tensor, found_inf: Tensor | None, device: torch.dev
     return torch.zeros((), dtype=torch.float32, device=device)
 
 
+def online_addresses(staging: Staging, t: OnlineTensors) -> list[int]:
+    """The addresses of ``t``'s tensors (r and c > 0) in the online-step kernels' layout, in
+    :class:`OnlineTensors` order: the caller's own tensors when they have it (contiguous, the step
+    count fp32 and the mask on param's device; a bool mask is one byte per column, as the uint8
+    the kernels read), else those of :meth:`Staging.online`'s copies."""
+    device = t.param.device
+    if (
+        t.state_step.dtype == torch.float32
+        and t.state_step.device == device
+        and t.mask.device == device
+        and all(x.is_contiguous() for x in t)
+    ):
+        return [x.data_ptr() for x in t]
+    return [x.data_ptr() for x in staging.online(t)]
+
+
 def online_args(t: OnlineTensors, h: AdamWHyper, projection: OnlineProjection) -> tuple[Staging, tuple]:
-    """The tensors of one online step staged (r and c > 0, :meth:`Staging.online`) and the
+    """The tensors of one online step staged (r and c > 0, :func:`online_addresses`) and the
     arguments of its call up to the projection's mode code (:data:`PROJECTION_CODES`), before the
     backend's own last ones (c_prev first); ``staging.finish()`` after the call writes back."""
     device = t.param.device
     r, c = t.param.shape
     staging = Staging()
-    staged = staging.online(t)
-    mode = PROJECTION_CODES[projection.mode if projection.orthogonal else "none"]
-    scalars = (staging.scalar_ptr(h.grad_scale, device), staging.scalar_ptr(h.found_inf, device), mode)
-    args = (DTYPE_CODES[t.param.dtype], r, c, *(x.data_ptr() for x in staged), *hyper(h), *scalars)
+    addresses = online_addresses(staging, t)
+    scalars = (staging.scalar_ptr(h.grad_scale, device), staging.scalar_ptr(h.found_inf, device), mode_code(projection))
+    args = (DTYPE_CODES[t.param.dtype], r, c, *addresses, *hyper(h), *scalars)
     return staging, args
+
+
+def mode_code(projection: OnlineProjection) -> int:
+    """The kernels' code of ``projection``'s mode (:data:`PROJECTION_CODES`)."""
+    return PROJECTION_CODES[projection.mode if projection.orthogonal else "none"]

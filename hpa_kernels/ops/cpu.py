@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from . import _native
+from ._staging import Staging
 from .schema import AdamWHyper, AdamWTensors, Kernels, OnlineProjection, OnlineTensors, register
 
 
@@ -44,15 +45,36 @@ def hpa_apply(w_prev: Tensor, w_new: Tensor, mask: Tensor, coef: float | Tensor,
 
 
 def online_step(tensors: OnlineTensors, hyper: AdamWHyper, projection: OnlineProjection) -> Tensor:
-    """See ``hpa_kernels.ops.online_step`` (every pass in one call)."""
-    param = tensors.param
-    if param.numel() == 0:
-        return _native.online_empty(tensors.state_step, hyper.found_inf, param.device)
-    staging, args = _native.online_args(tensors, hyper, projection)
-    lag = float(projection.coef) if projection.lagged else 0.0
-    coef = torch.tensor(_native.CPU_LIB.online_step(*args, lag), dtype=torch.float32, device=param.device)
+    """See ``hpa_kernels.ops.online_step`` (every pass in one call: :func:`online_steps` of one layer)."""
+    return online_steps([tensors], hyper, [projection])[0]
+
+
+def online_steps(layers: list[OnlineTensors], hyper: AdamWHyper, projections: list[OnlineProjection]) -> Tensor:
+    """See ``hpa_kernels.ops.online_steps``: one native call per (storage dtype, projection mode)
+    of the layers, every pass of all its layers in one OpenMP region; each layer's results are
+    bit-identical to a call with it alone (csrc/cpu/hpa.cpp ``online_step_multi``)."""
+    device = layers[0].param.device
+    coefs = [0.0] * len(layers)  # r or c = 0: c' = 0
+    staging = Staging()
+    calls: dict[tuple[int, int], tuple[list[int], list[list]]] = {}  # (dtype, mode) -> (layer indices, columns)
+    for k, (t, projection) in enumerate(zip(layers, projections)):
+        if t.param.numel() == 0:
+            _native.online_empty(t.state_step, hyper.found_inf, device)
+            continue
+        r, c = t.param.shape
+        key = (_native.DTYPE_CODES[t.param.dtype], _native.mode_code(projection))
+        indices, columns = calls.setdefault(key, ([], [[] for _ in range(11)]))
+        indices.append(k)
+        lag = float(projection.coef) if projection.lagged else 0.0
+        for column, value in zip(columns, (r, c, *_native.online_addresses(staging, t), lag)):
+            column.append(value)
+    scalars = (staging.scalar_ptr(hyper.grad_scale, device), staging.scalar_ptr(hyper.found_inf, device))
+    for (code, mode), (indices, columns) in calls.items():
+        out = _native.CPU_LIB.online_steps(code, *columns, *_native.hyper(hyper), *scalars, mode)
+        for k, value in zip(indices, out):
+            coefs[k] = value
     staging.finish()
-    return coef
+    return torch.tensor(coefs, dtype=torch.float32, device=device)
 
 
-register(Kernels("cpu", adamw_step, hpa_reduce, hpa_apply, online_step))
+register(Kernels("cpu", adamw_step, hpa_reduce, hpa_apply, online_step, online_steps))

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import _native
-from .schema import AdamWHyper, AdamWTensors, Kernels, OnlineProjection, OnlineTensors, register
+from .schema import AdamWHyper, AdamWTensors, Kernels, OnlineProjection, OnlineTensors, online_steps_by_layer, register
 
 
 def _launch(fn: Callable, device: torch.device, *args):
@@ -83,4 +83,4 @@ def online_step(tensors: OnlineTensors, hyper: AdamWHyper, projection: OnlinePro
     return coef
 
 
-register(Kernels("cuda", adamw_step, hpa_reduce, hpa_apply, online_step))
+register(Kernels("cuda", adamw_step, hpa_reduce, hpa_apply, online_step, online_steps_by_layer(online_step)))

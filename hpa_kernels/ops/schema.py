@@ -122,6 +122,7 @@ class Kernels:
         hpa_reduce(w_prev, w_new) -> (col_energy, dot, norm_sq)
         hpa_apply(w_prev, w_new, mask, coef, out) -> Tensor
         online_step(tensors, hyper, projection) -> Tensor
+        online_steps(layers, hyper, projections) -> Tensor   # (n,) fp32, one entry per layer
     """
 
     name: str
@@ -129,7 +130,20 @@ class Kernels:
     hpa_reduce: Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
     hpa_apply: Callable[[Tensor, Tensor, Tensor, float | Tensor, Tensor | None], Tensor]
     online_step: Callable[[OnlineTensors, AdamWHyper, OnlineProjection], Tensor]
+    online_steps: Callable[[list[OnlineTensors], AdamWHyper, list[OnlineProjection]], Tensor]
     float64: bool = False  # takes float64 tensors too (the "torch" reference only)
+
+
+def online_steps_by_layer(
+    online_step: Callable[[OnlineTensors, AdamWHyper, OnlineProjection], Tensor],
+) -> Callable[[list[OnlineTensors], AdamWHyper, list[OnlineProjection]], Tensor]:
+    """A backend's ``online_steps`` as one call of its ``online_step`` per layer, in order (each
+    layer's results are those of its own call), the coefficients stacked."""
+
+    def online_steps(layers: list[OnlineTensors], hyper: AdamWHyper, projections: list[OnlineProjection]) -> Tensor:
+        return torch.stack([online_step(t, hyper, p) for t, p in zip(layers, projections)])
+
+    return online_steps
 
 
 REGISTRY: dict[str, Kernels] = {}
@@ -250,3 +264,20 @@ def check_online_step(
         raise ValueError(f"online_step: the lagged coefficient must be one element on {param.device}")
     _check_scalar(hyper.grad_scale)
     _check_scalar(hyper.found_inf)
+
+
+def check_online_steps(
+    layers: list[OnlineTensors], hyper: AdamWHyper, projections: list[OnlineProjection], *, float64: bool = False
+) -> None:
+    """The argument contract of ``hpa_kernels.ops.online_steps`` (``layers`` not empty): as many
+    projections as layers, every layer on one device and passing :func:`check_online_step`."""
+    if len(projections) != len(layers):
+        raise ValueError(f"online_steps: {len(layers)} layers but {len(projections)} projections")
+    device = layers[0].param.device
+    for k, (t, projection) in enumerate(zip(layers, projections)):
+        if t.param.device != device:
+            raise ValueError(f"online_steps: layers[{k}] is on {t.param.device}, layers[0] on {device}")
+        try:
+            check_online_step(t, hyper, projection, float64=float64)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"online_steps: layers[{k}]: {exc}") from None

@@ -15,7 +15,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .schema import ROW_BLOCK, AdamWHyper, AdamWTensors, Kernels, OnlineProjection, OnlineTensors, register
+from .schema import (
+    ROW_BLOCK,
+    AdamWHyper,
+    AdamWTensors,
+    Kernels,
+    OnlineProjection,
+    OnlineTensors,
+    online_steps_by_layer,
+    register,
+)
 
 
 def _math_dtype(t: Tensor) -> torch.dtype:
@@ -155,4 +164,6 @@ def online_step(t: OnlineTensors, hyper: AdamWHyper, projection: OnlineProjectio
     return torch.tensor(coef, **f32)
 
 
-register(Kernels("torch", adamw_step, hpa_reduce, hpa_apply, online_step, float64=True))
+register(
+    Kernels("torch", adamw_step, hpa_reduce, hpa_apply, online_step, online_steps_by_layer(online_step), float64=True)
+)

@@ -34,7 +34,16 @@ import triton.language as tl
 from torch import Tensor
 
 from ._staging import Staging
-from .schema import ROW_BLOCK, AdamWHyper, AdamWTensors, Kernels, OnlineProjection, OnlineTensors, register
+from .schema import (
+    ROW_BLOCK,
+    AdamWHyper,
+    AdamWTensors,
+    Kernels,
+    OnlineProjection,
+    OnlineTensors,
+    online_steps_by_layer,
+    register,
+)
 
 _ADAMW_BLOCK = 1024
 _TILE_R = 32
@@ -526,4 +535,4 @@ def _online_launch(
     return coef
 
 
-register(Kernels("triton", adamw_step, hpa_reduce, hpa_apply, online_step))
+register(Kernels("triton", adamw_step, hpa_reduce, hpa_apply, online_step, online_steps_by_layer(online_step)))

@@ -26,19 +26,28 @@ void hpa_reduce(int dtype, int64_t r, int64_t c, Mat prev, Mat next, double* col
 // HPA_SPEC.md Step 3 write: out = mask ? prev (raw bits) : next - coef * prev, one pass.
 void hpa_apply(int dtype, int64_t r, int64_t c, Mat prev, Mat next, Mat out, const uint8_t* mask, float coef);
 
-// The online step's projection: a ProjectionMode and, lagged, the coefficient c_prev it applies.
-struct Projection {
-  int mode;
+// One layer of the online step (hpa_kernels.ops.online_step): contiguous row-major (rows, cols)
+// tensors; step is an fp32 scalar; mask (cols,) bytes, nonzero = retained; col_energy (cols,) fp32,
+// accumulated in place; lag: the layer's c_prev, applied by the lagged projection only.
+struct OnlineLayer {
+  int64_t rows;
+  int64_t cols;
+  uintptr_t param;
+  uintptr_t grad;
+  float* exp_avg;
+  float* exp_avg_sq;
+  float* step;
+  uintptr_t w_prev;
+  const uint8_t* mask;
+  float* col_energy;
   double lag;
 };
 
-// The online step (hpa_kernels.ops.online_step) on contiguous row-major (r, c) tensors. Returns the
-// projection coefficient: c' (exact), c_next (lagged; c_prev when skipped) or 0. col_energy (c,)
-// fp32 is accumulated in place.
-double online_step(int dtype, int64_t r, int64_t c, uintptr_t param, uintptr_t grad, float* exp_avg,
-                   float* exp_avg_sq, float* step, uintptr_t w_prev, const uint8_t* mask, float* col_energy,
-                   const AdamWHyper& hyper, const float* grad_scale, const float* found_inf,
-                   const Projection& projection);
+// The online step of n layers of one storage dtype in one OpenMP parallel region, every layer's
+// results bit-identical to a call with that layer alone. projection: a ProjectionMode. coefs[l]
+// gets layer l's coefficient: c' (exact), c_next (lagged; its lag when skipped) or 0.
+void online_step_multi(int dtype, int64_t n, const OnlineLayer* layers, const AdamWHyper& hyper,
+                       const float* grad_scale, const float* found_inf, int projection, double* coefs);
 
 // Number of OpenMP threads the kernels use (1 when built without OpenMP).
 int num_threads();
