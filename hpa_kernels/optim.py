@@ -380,21 +380,22 @@ class HPAOptimizer(Optimizer):
             self._online_step(online_weights, grad_scale, found_inf)
         return loss
 
-    def _online_weights(self) -> dict[int, tuple[str, dict[str, Any]]]:
-        """``{id(weight): (layer name, param group)}`` of the managed weights with a gradient that
-        the online step handles: only with ``HPAConfig(online=True)``, inside a task."""
+    def _online_weights(self) -> dict[int, tuple[Tensor, dict[str, Any]]]:
+        """``{id(weight): (weight, param group)}`` of the managed weights with a gradient that the
+        online step handles: only with ``HPAConfig(online=True)``, inside a task."""
         if not (self.hpa.enabled and self.hpa.online and self._in_task):
             return {}
         group_of = {id(p): group for group in self.param_groups for p in group["params"]}
-        return {
-            id(layer.module.weight): (name, group_of[id(layer.module.weight)])
-            for name, layer in self.hpa_layers.items()
-            if layer.module.weight.grad is not None
-        }
+        weights = {}
+        for layer in self.hpa_layers.values():
+            weight = layer.module.weight
+            if weight.grad is not None:
+                weights[id(weight)] = (weight, group_of[id(weight)])
+        return weights
 
     def _online_step(
         self,
-        online_weights: Mapping[int, tuple[str, dict[str, Any]]],
+        online_weights: Mapping[int, tuple[Tensor, dict[str, Any]]],
         grad_scale: Tensor | None,
         found_inf: Tensor | None,
     ) -> None:
@@ -405,13 +406,12 @@ class HPAOptimizer(Optimizer):
         energies."""
         batches: dict[tuple[int, torch.device], tuple[dict[str, Any], list]] = {}
         masters: list[tuple[Tensor, Tensor]] = []
-        for name, group in online_weights.values():
-            weight = self.hpa_layers[name].module.weight
-            working = self._working_weight(weight)
-            grad = weight.grad if working.dtype == weight.dtype else weight.grad.float()
+        for weight, group in online_weights.values():
             state = self.state[weight]
+            working = self._working_weight(weight, state)
+            grad = weight.grad if working.dtype == weight.dtype else weight.grad.float()
             batch = batches.setdefault((id(group), working.device), (group, []))[1]
-            batch.append((working, grad, state, self._snapshot(weight)))
+            batch.append((working, grad, state, self._snapshot(weight, state, working)))
             if "master_param" in state:
                 masters.append((weight.detach(), working))
         for group, layers in batches.values():
@@ -561,9 +561,12 @@ class HPAOptimizer(Optimizer):
         self._tasks_completed += 1
         return reports
 
-    def _working_weight(self, weight: Tensor) -> Tensor:
-        """The tensor steps update for ``weight``: its fp32 master copy, or the weight itself (detached)."""
-        master = self.state[weight].get("master_param") if weight in self.state else None
+    def _working_weight(self, weight: Tensor, state: Mapping[str, Any] | None = None) -> Tensor:
+        """The tensor steps update for ``weight``: its fp32 master copy, or the weight itself
+        (detached); ``state``: the weight's optimizer state, when the caller holds it."""
+        if state is None:
+            state = self.state[weight] if weight in self.state else {}
+        master = state.get("master_param")
         return weight.detach() if master is None else master
 
     def _task_weight(self, layer: ManagedLayer) -> Tensor:
@@ -574,9 +577,14 @@ class HPAOptimizer(Optimizer):
             return adapters.merged_weight(layer.adapter, weight)
         return self._working_weight(weight)
 
-    def _snapshot(self, weight: Tensor) -> Tensor:
+    def _snapshot(
+        self, weight: Tensor, state: Mapping[str, Any] | None = None, working: Tensor | None = None
+    ) -> Tensor:
         """W_prev of ``weight`` in the working weight's dtype (a snapshot loaded from another set-up
-        keeps its dtype in the state; the edit casts it)."""
-        prev = self.state[weight]["hpa_prev"]
-        dtype = self._working_weight(weight).dtype
+        keeps its dtype in the state; the edit casts it); ``state`` / ``working``: the weight's
+        optimizer state and working weight, when the caller holds them."""
+        if state is None:
+            state = self.state[weight]
+        prev = state["hpa_prev"]
+        dtype = (self._working_weight(weight, state) if working is None else working).dtype
         return prev if prev.dtype == dtype else prev.to(dtype)

@@ -56,21 +56,20 @@ def online_steps(layers: list[OnlineTensors], hyper: AdamWHyper, projections: li
     device = layers[0].param.device
     coefs = [0.0] * len(layers)  # r or c = 0: c' = 0
     staging = Staging()
-    calls: dict[tuple[int, int], tuple[list[int], list[list]]] = {}  # (dtype, mode) -> (layer indices, columns)
+    calls: dict[tuple[int, int], tuple[list[int], list[tuple]]] = {}  # (dtype, mode) -> (layer indices, rows)
     for k, (t, projection) in enumerate(zip(layers, projections)):
-        if t.param.numel() == 0:
+        r, c = t.param.shape
+        if r == 0 or c == 0:
             _native.online_empty(t.state_step, hyper.found_inf, device)
             continue
-        r, c = t.param.shape
-        key = (_native.DTYPE_CODES[t.param.dtype], _native.mode_code(projection))
-        indices, columns = calls.setdefault(key, ([], [[] for _ in range(11)]))
+        indices, rows = calls.setdefault((_native.DTYPE_CODES[t.param.dtype], _native.mode_code(projection)), ([], []))
         indices.append(k)
         lag = float(projection.coef) if projection.lagged else 0.0
-        for column, value in zip(columns, (r, c, *_native.online_addresses(staging, t), lag)):
-            column.append(value)
+        rows.append((r, c, *_native.online_addresses(staging, t), lag))
     scalars = (staging.scalar_ptr(hyper.grad_scale, device), staging.scalar_ptr(hyper.found_inf, device))
-    for (code, mode), (indices, columns) in calls.items():
-        out = _native.CPU_LIB.online_steps(code, *columns, *_native.hyper(hyper), *scalars, mode)
+    for (code, mode), (indices, rows) in calls.items():
+        # one list per argument of the binding: rows, cols, the 8 tensors' addresses, lags
+        out = _native.CPU_LIB.online_steps(code, *zip(*rows), *_native.hyper(hyper), *scalars, mode)
         for k, value in zip(indices, out):
             coefs[k] = value
     staging.finish()

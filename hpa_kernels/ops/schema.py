@@ -25,6 +25,8 @@ STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ROW_BLOCK = 128
 """Rows per block of the HPA reductions' fixed summation order (``hpa_kernels.ops.hpa_reduce``)."""
 _FLOAT64_DTYPES = (*STORAGE_DTYPES, torch.float64)
+_F32 = (torch.float32,)  # the dtypes of the fp32 state tensors
+_F32_FLOAT64 = (torch.float32, torch.float64)  # ... on a float64 backend
 
 
 class AdamWTensors(NamedTuple):
@@ -240,6 +242,46 @@ def check_online_step(
     t: OnlineTensors, hyper: AdamWHyper, projection: OnlineProjection, *, float64: bool = False
 ) -> None:
     """The argument contract of ``hpa_kernels.ops.online_step``."""
+    if not _online_tensors_conform(t, float64):
+        _refuse_online_tensors(t, float64)
+    coef = projection.coef
+    if projection.lagged and isinstance(coef, Tensor) and (coef.numel() != 1 or coef.device != t.param.device):
+        raise ValueError(f"online_step: the lagged coefficient must be one element on {t.param.device}")
+    _check_scalar(hyper.grad_scale)
+    _check_scalar(hyper.found_inf)
+
+
+def _online_tensors_conform(t: OnlineTensors, float64: bool) -> bool:
+    """Whether ``t`` passes every check of :func:`_refuse_online_tensors`: the same conditions as
+    one expression, each tensor attribute read once (this runs once per layer of every step)."""
+    param, grad, exp_avg, exp_avg_sq, state_step, w_prev, mask, col_energy = t
+    shape, device, dtype = param.shape, param.device, param.dtype
+    f32 = _F32_FLOAT64 if float64 else _F32
+    return (
+        dtype in (_FLOAT64_DTYPES if float64 else STORAGE_DTYPES)
+        and len(shape) == 2
+        and grad.shape == shape
+        and exp_avg.shape == shape
+        and exp_avg_sq.shape == shape
+        and w_prev.shape == shape
+        and grad.device == device
+        and exp_avg.device == device
+        and exp_avg_sq.device == device
+        and w_prev.device == device
+        and grad.dtype == dtype
+        and w_prev.dtype == dtype
+        and exp_avg.dtype in f32
+        and exp_avg_sq.dtype in f32
+        and mask.shape == shape[1:]
+        and col_energy.shape == shape[1:]
+        and mask.dtype == torch.bool
+        and col_energy.dtype in f32
+        and state_step.numel() == 1
+    )
+
+
+def _refuse_online_tensors(t: OnlineTensors, float64: bool) -> None:
+    """Raise the error of the first check of ``hpa_kernels.ops.online_step``'s tensors that ``t`` fails."""
     param = t.param
     _check_storage(param, "online_step: param", float64)
     if param.dim() != 2:
@@ -259,11 +301,7 @@ def check_online_step(
         raise TypeError("online_step: mask must be bool and col_energy float32")
     if t.state_step.numel() != 1:
         raise ValueError("online_step: state_step must be a one-element tensor")
-    coef = projection.coef
-    if projection.lagged and isinstance(coef, Tensor) and (coef.numel() != 1 or coef.device != param.device):
-        raise ValueError(f"online_step: the lagged coefficient must be one element on {param.device}")
-    _check_scalar(hyper.grad_scale)
-    _check_scalar(hyper.found_inf)
+    raise AssertionError("online_step: _online_tensors_conform and _refuse_online_tensors disagree")
 
 
 def check_online_steps(
