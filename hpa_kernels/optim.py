@@ -468,6 +468,13 @@ class HPAOptimizer(Optimizer):
         hinv_safety = _renamed("begin_task", "hinv_safety", hinv_safety, "safety_hessians", safety_hessians)
         if self._in_task:
             raise RuntimeError("HPAOptimizer.begin_task: a task is already open; call end_task first")
+        if self.hpa.enabled and not self.hpa_layers:
+            warnings.warn(
+                "HPAOptimizer.begin_task: no layer is managed, so the task will not be edited (build the "
+                "optimizer with HPAOptimizer.from_model(model) or pass hpa_layers=)",
+                UserWarning,
+                stacklevel=2,
+            )
         if self.hpa.enabled:
             checked = check_statistics("hinv_safety", hinv_safety, self.hpa_layers)
             check_weights_finite(self.hpa_layers)

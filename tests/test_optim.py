@@ -639,6 +639,17 @@ def test_lifecycle_misuse_raises(info):
         optimizer.begin_task(hinv)
 
 
+@optims("adamw", backends=[DEFAULT_BACKEND])
+def test_a_task_without_managed_layers_warns(info):
+    """``begin_task`` on an optimizer that manages no layer (built on bare parameters) warns that
+    the task will not be edited; ``end_task`` then edits nothing."""
+    model = info.model()
+    optimizer = info.build(model.parameters())
+    with pytest.warns(UserWarning, match="no layer is managed"):
+        optimizer.begin_task({})
+    assert optimizer.end_task({}) == {}
+
+
 @optims("hpa", backends=[DEFAULT_BACKEND])
 def test_two_tasks_in_a_row(info):
     """Two tasks one after the other: each retains at most its budget of columns, both count, and
