@@ -15,8 +15,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from . import _native
-from .schema import AdamWHyper, AdamWTensors, Kernels, OnlineProjection, OnlineTensors, online_steps_by_layer, register
+from . import _native, schema
+from .schema import AdamWHyper, AdamWTensors, Kernels, OnlineProjection, OnlineTensors, register
 
 
 def _launch(fn: Callable, device: torch.device, *args):
@@ -83,4 +83,4 @@ def online_step(tensors: OnlineTensors, hyper: AdamWHyper, projection: OnlinePro
     return coef
 
 
-register(Kernels("cuda", adamw_step, hpa_reduce, hpa_apply, online_step, online_steps_by_layer(online_step)))
+register(Kernels("cuda", adamw_step, hpa_reduce, hpa_apply, online_step, schema.online_steps_by_layer(online_step)))

@@ -115,7 +115,7 @@ class OnlineProjection:
 
 @dataclass(frozen=True)
 class Kernels:
-    """One backend's implementations of the four ops, called with arguments that passed this
+    """One backend's implementations of the five ops, called with arguments that passed this
     module's checks. The kernels' signatures (those of :mod:`hpa_kernels.ops` with the tensors of
     ``adamw_step`` / ``online_step`` as one :class:`AdamWTensors` / :class:`OnlineTensors`, their
     AdamW keywords as one :class:`AdamWHyper`, and without ``backend``)::

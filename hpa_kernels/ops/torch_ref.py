@@ -15,16 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .schema import (
-    ROW_BLOCK,
-    AdamWHyper,
-    AdamWTensors,
-    Kernels,
-    OnlineProjection,
-    OnlineTensors,
-    online_steps_by_layer,
-    register,
-)
+from . import schema
+from .schema import ROW_BLOCK, AdamWHyper, AdamWTensors, Kernels, OnlineProjection, OnlineTensors, register
 
 
 def _math_dtype(t: Tensor) -> torch.dtype:
@@ -165,5 +157,7 @@ def online_step(t: OnlineTensors, hyper: AdamWHyper, projection: OnlineProjectio
 
 
 register(
-    Kernels("torch", adamw_step, hpa_reduce, hpa_apply, online_step, online_steps_by_layer(online_step), float64=True)
+    Kernels(
+        "torch", adamw_step, hpa_reduce, hpa_apply, online_step, schema.online_steps_by_layer(online_step), float64=True
+    )
 )

@@ -33,17 +33,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import schema
 from ._staging import Staging
-from .schema import (
-    ROW_BLOCK,
-    AdamWHyper,
-    AdamWTensors,
-    Kernels,
-    OnlineProjection,
-    OnlineTensors,
-    online_steps_by_layer,
-    register,
-)
+from .schema import ROW_BLOCK, AdamWHyper, AdamWTensors, Kernels, OnlineProjection, OnlineTensors, register
 
 _ADAMW_BLOCK = 1024
 _TILE_R = 32
@@ -535,4 +527,4 @@ def _online_launch(
     return coef
 
 
-register(Kernels("triton", adamw_step, hpa_reduce, hpa_apply, online_step, online_steps_by_layer(online_step)))
+register(Kernels("triton", adamw_step, hpa_reduce, hpa_apply, online_step, schema.online_steps_by_layer(online_step)))
