@@ -534,6 +534,38 @@ def test_online_steps_checks_each_layer():
     assert ops.online_steps([], **HYPER).shape == (0,)
 
 
+ONLINE_REFUSALS = {
+    "param dtype": ({"param": torch.int32}, TypeError, "online_step: param: dtype"),
+    "param 1-D": ({"param": (6,)}, ValueError, "param must be 2-D"),
+    "grad shape": ({"grad": (4, 5)}, ValueError, "grad must match param's shape"),
+    "exp_avg shape": ({"exp_avg": (3, 6)}, ValueError, "exp_avg must match"),
+    "w_prev shape": ({"w_prev": (4, 7)}, ValueError, "w_prev must match"),
+    "grad dtype": ({"grad": torch.float16}, TypeError, "grad and w_prev must have param's dtype"),
+    "w_prev dtype": ({"w_prev": torch.bfloat16}, TypeError, "grad and w_prev must have param's dtype"),
+    "exp_avg_sq dtype": ({"exp_avg_sq": torch.float16}, TypeError, "exp_avg and exp_avg_sq must be float32"),
+    "mask shape": ({"mask": (5,)}, ValueError, r"mask must have shape \(6,\)"),
+    "col_energy shape": ({"col_energy": (6, 1)}, ValueError, r"col_energy must have shape \(6,\)"),
+    "mask dtype": ({"mask": torch.uint8}, TypeError, "mask must be bool and col_energy float32"),
+    "col_energy dtype": ({"col_energy": torch.float16}, TypeError, "mask must be bool and col_energy float32"),
+    "state_step": ({"state_step": (2,)}, ValueError, "state_step must be a one-element tensor"),
+}
+
+
+@pytest.mark.parametrize("case", list(ONLINE_REFUSALS))
+def test_online_step_refuses_each_mismatch(case):
+    """Each of online_step's tensor checks refuses its mismatch with its message (the one-expression
+    check that passes conforming layers and the detailed one that words the refusal agree)."""
+    change, error, message = ONLINE_REFUSALS[case]
+    shapes = {"param": (4, 6), "grad": (4, 6), "exp_avg": (4, 6), "exp_avg_sq": (4, 6), "state_step": ()}
+    shapes |= {"w_prev": (4, 6), "mask": (6,), "col_energy": (6,)}
+    dtypes = dict.fromkeys(shapes, torch.float32) | {"mask": torch.bool}
+    for name, value in change.items():
+        (dtypes if isinstance(value, torch.dtype) else shapes)[name] = value
+    tensors = ops.OnlineTensors(**{name: torch.zeros(shapes[name], dtype=dtypes[name]) for name in shapes})
+    with pytest.raises(error, match=message):
+        ops.online_step(*tensors, **HYPER, backend="torch")
+
+
 def test_online_projection_refuses_unknown_modes():
     with pytest.raises(ValueError, match="OnlineProjection.mode must be one of"):
         ops.OnlineProjection(mode="delayed")

@@ -257,6 +257,7 @@ def _online_tensors_conform(t: OnlineTensors, float64: bool) -> bool:
     param, grad, exp_avg, exp_avg_sq, state_step, w_prev, mask, col_energy = t
     shape, device, dtype = param.shape, param.device, param.dtype
     f32 = _F32_FLOAT64 if float64 else _F32
+    cols = shape[1:]  # (c,) for a 2-D param
     return (
         dtype in (_FLOAT64_DTYPES if float64 else STORAGE_DTYPES)
         and len(shape) == 2
@@ -272,8 +273,8 @@ def _online_tensors_conform(t: OnlineTensors, float64: bool) -> bool:
         and w_prev.dtype == dtype
         and exp_avg.dtype in f32
         and exp_avg_sq.dtype in f32
-        and mask.shape == shape[1:]
-        and col_energy.shape == shape[1:]
+        and mask.shape == cols
+        and col_energy.shape == cols
         and mask.dtype == torch.bool
         and col_energy.dtype in f32
         and state_step.numel() == 1
