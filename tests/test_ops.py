@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 import zlib
 
 import pytest
@@ -569,6 +570,26 @@ def test_online_step_refuses_each_mismatch(case):
 def test_online_projection_refuses_unknown_modes():
     with pytest.raises(ValueError, match="OnlineProjection.mode must be one of"):
         ops.OnlineProjection(mode="delayed")
+
+
+@pytest.mark.parametrize("orthogonal", [True, False])
+def test_online_step_former_orthogonal_keyword_still_works(orthogonal):
+    """``online_step(orthogonal=)`` (the keyword before ``projection=``) gives the bits of
+    ``projection=OnlineProjection(orthogonal=...)``, with a DeprecationWarning; both is a TypeError."""
+    results = []
+    for keywords in ({"orthogonal": orthogonal}, {"projection": ops.OnlineProjection(orthogonal=orthogonal)}):
+        t = _amp_inputs("cpu", torch.float32)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            coef = ops.online_step(*t.values(), **HYPER, **keywords, backend="torch")
+        assert any(issubclass(w.category, DeprecationWarning) for w in caught) == ("orthogonal" in keywords)
+        results.append([coef, t["param"], t["exp_avg"], t["col_energy"]])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    with pytest.raises(TypeError, match="projection only"):
+        ops.online_step(
+            *_amp_inputs("cpu", torch.float32).values(), **HYPER, orthogonal=True,
+            projection=ops.OnlineProjection(), backend="torch",
+        )  # fmt: skip
 
 
 @pytest.mark.parametrize("backend,device", ALL_BACKENDS)

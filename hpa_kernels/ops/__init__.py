@@ -28,6 +28,7 @@ import functools
 import importlib
 import importlib.util
 import os
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -287,6 +288,7 @@ def online_step(
     found_inf: Tensor | None = None,
     projection: OnlineProjection | None = None,
     backend: str = "auto",
+    orthogonal: bool | None = None,
 ) -> Tensor:
     """One training step of a managed layer in HPA's online mode, in place.
 
@@ -344,14 +346,27 @@ def online_step(
         projection: the mode and, lagged, c_prev (:class:`OnlineProjection`, from
             ``HPAConfig.orthogonal`` and ``HPAConfig.online_projection``); ``None``: exact.
         backend: ``"auto"`` or one of :func:`available_backends`.
+        orthogonal: deprecated (removed in the next release; a ``DeprecationWarning``): the
+            former keyword, ``OnlineProjection(orthogonal=orthogonal)``.
 
     Returns:
         c' (exact), c_next (lagged) or 0, a float32 0-d tensor on param's device; no host sync
         on CUDA.
 
     Raises:
-        ValueError / TypeError: shapes, devices or dtypes that do not match the above.
+        ValueError / TypeError: shapes, devices or dtypes that do not match the above, or both
+            ``projection`` and ``orthogonal``.
     """
+    if orthogonal is not None:
+        if projection is not None:
+            raise TypeError("online_step: pass projection only (orthogonal= is its former, deprecated form)")
+        warnings.warn(
+            "online_step(orthogonal=...) is deprecated: pass projection=OnlineProjection(orthogonal=...) "
+            "(removed in the next release)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        projection = OnlineProjection(orthogonal=bool(orthogonal))
     kernels = _kernels(backend, param.device)
     tensors = schema.OnlineTensors(param, grad, exp_avg, exp_avg_sq, state_step, w_prev, mask, col_energy)
     hyper = schema.AdamWHyper(lr, beta1, beta2, eps, weight_decay, maximize, grad_scale, found_inf)
