@@ -313,22 +313,35 @@ __global__ void online_pass1_kernel(int64_t r, int64_t c, OnlineArgs a, AdamWHyp
   if (threadIdx.x == 0 && threadIdx.y == 0) ws.norm[b] = bn;
 }
 
-// Pass 2 of the online step: W <- W - c' W_prev on the non-retained columns (c' read on the device).
+// Pass 2 of the online step: W <- W - c' W_prev on the non-retained columns (c' read on the device),
+// in apply_kernel's tiles: a thread owns column j (its mask bit read once) and steps down rows, so no
+// element index is divided; a retained column is not touched.
 template <int D>
-__global__ void online_pass2_kernel(int64_t r, int64_t c, uintptr_t param, uintptr_t w_prev, const uint8_t* mask,
-                                    const float* coef) {
+__global__ void online_pass2_kernel(int64_t r, int64_t c, uintptr_t param, uintptr_t w_prev,
+                                    const uint8_t* __restrict__ mask, const float* __restrict__ coef) {
   const float cf = *coef;
-  if (cf == 0.0f) return;
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kTileX + threadIdx.x;
+  if (cf == 0.0f || j >= c || mask[j]) return;
   using S = Storage<D>;
   using Raw = typename S::Raw;
-  Raw* Pm = reinterpret_cast<Raw*>(param);
-  const Raw* W0 = reinterpret_cast<const Raw*>(w_prev);
-  const int64_t n = r * c;
-  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < n;
-       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t j = idx % c;
-    if (!mask[j]) Pm[idx] = S::store(S::load(Pm[idx]) - cf * S::load(W0[idx]));
+  Raw* __restrict__ Pm = reinterpret_cast<Raw*>(param);
+  const Raw* __restrict__ W0 = reinterpret_cast<const Raw*>(w_prev);
+  const int64_t row_step = static_cast<int64_t>(gridDim.y) * kApplyRowsBlock;
+  for (int64_t base = static_cast<int64_t>(blockIdx.y) * kApplyRowsBlock; base < r; base += row_step) {
+    const int64_t end = base + kApplyRowsBlock < r ? base + kApplyRowsBlock : r;
+    for (int64_t i = base + threadIdx.y; i < end; i += kApplyRowsY) {
+      const int64_t idx = offset2d(i, j, c, 1);
+      Pm[idx] = S::store(S::load(Pm[idx]) - cf * S::load(W0[idx]));
+    }
   }
+}
+
+// Grid of apply_kernel / online_pass2_kernel: a column tile per block.x, a kApplyRowsBlock-row tile
+// per block.y (rows past 65535 tiles grid-strided by the kernels).
+dim3 apply_grid(int64_t r, int64_t c) {
+  const int64_t row_blocks = (r + kApplyRowsBlock - 1) / kApplyRowsBlock;
+  return dim3(static_cast<unsigned>((c + kTileX - 1) / kTileX),
+              static_cast<unsigned>(row_blocks < kMaxGridY ? row_blocks : kMaxGridY));
 }
 
 unsigned blocks_1d(int64_t n) {
@@ -351,10 +364,8 @@ void reduce_launch(int64_t r, int64_t c, Mat prev, Mat next, double* part, cudaS
 template <int D>
 void apply_launch(int64_t r, int64_t c, Mat prev, Mat next, Mat out, const uint8_t* mask, float coef,
                   const float* coef_ptr, cudaStream_t s) {
-  const int64_t row_blocks = (r + kApplyRowsBlock - 1) / kApplyRowsBlock;
-  const dim3 grid(static_cast<unsigned>((c + kTileX - 1) / kTileX),
-                  static_cast<unsigned>(row_blocks < kMaxGridY ? row_blocks : kMaxGridY));
-  apply_kernel<D><<<grid, dim3(kTileX, kApplyRowsY), 0, s>>>(r, c, prev, next, out, mask, coef, coef_ptr);
+  apply_kernel<D><<<apply_grid(r, c), dim3(kTileX, kApplyRowsY), 0, s>>>(r, c, prev, next, out, mask, coef,
+                                                                        coef_ptr);
 }
 
 // The online step's launches: pass 1, the fixed-order sums, and pass 2 for the exact projection only
@@ -371,8 +382,8 @@ void online_launch(int64_t r, int64_t c, const OnlineArgs& a, const AdamWHyper& 
                                                reinterpret_cast<float*>(a.step), projection != kProjectNone,
                                                applied, inf);
   if (projection != kProjectExact) return;
-  online_pass2_kernel<D><<<blocks_1d(r * c), kThreads, 0, s>>>(r, c, a.param, a.w_prev,
-                                                               reinterpret_cast<const uint8_t*>(a.mask), coef_out);
+  online_pass2_kernel<D><<<apply_grid(r, c), dim3(kTileX, kApplyRowsY), 0, s>>>(
+      r, c, a.param, a.w_prev, reinterpret_cast<const uint8_t*>(a.mask), coef_out);
 }
 
 }  // namespace
