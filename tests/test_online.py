@@ -61,6 +61,12 @@ def test_online_mode_without_refresh_only_projects(info):
     batches = info.batches(4, 44)
     train(model, optimizer, batches)
     train(plain, plain_optimizer, batches)
+    for name, layer in optimizer.hpa_layers.items():
+        weight = layer.module.weight
+        delta = weight.detach().double() - optimizer.state[weight]["hpa_prev"].double()
+        prev = optimizer.state[weight]["hpa_prev"].double()
+        bound = 1e-5 * float(delta.norm()) * float(prev.norm())
+        assert abs(float((delta * prev).sum())) <= bound, name
     weight = optimizer.hpa_layers["blocks.0.q"].module.weight
     assert not optimizer.state[weight]["hpa_mask"].any()
     assert not torch.equal(weight, plain_optimizer.hpa_layers["blocks.0.q"].module.weight)
