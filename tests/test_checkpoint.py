@@ -136,7 +136,7 @@ def test_calibrate_cli_equals_the_collector(tmp_path) -> None:
     [
         ("no-model", "not a save_pretrained directory"),
         ("no-data", "no such file"),
-        ("bad-json", r"bad\.jsonl:2: not JSON"),
+        ("bad-json", r"bad\.jsonl:2: not valid JSON"),
         ("not-object", r"bad\.jsonl:1: expected a JSON object"),
         ("out-of-vocab", r"bad\.jsonl:1: input_ids outside the model's vocabulary \[0, 40\)"),
         ("no-tokenizer", "text lines need a tokenizer"),

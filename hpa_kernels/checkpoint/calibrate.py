@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ..config import HPAConfig
+from ..jsonl import json_object
 from .files import save_hinv
 
 
@@ -46,17 +47,6 @@ def _cut(sample: dict[str, Tensor], max_length: int, keep_id: int | None) -> dic
     return {k: v[..., :keep] if isinstance(v, Tensor) and v.shape == ids.shape else v for k, v in sample.items()}
 
 
-def _json_line(line: str, where: str) -> dict[str, Any]:
-    """One JSONL record; a line that is not a JSON object raises ValueError naming ``where``."""
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{where}: not JSON ({error.msg} at column {error.colno})") from error
-    if not isinstance(record, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    return record
-
-
 def _read_jsonl(
     path: Path,
     fields: Sequence[str],
@@ -81,7 +71,7 @@ def _read_jsonl(
             if not line.strip():
                 continue
             where = f"{path}:{line_number}"
-            record = _json_line(line, where)
+            record = json_object(line, where)
             images = _images_of(record, where, path.parent)
             if images and processor is None:
                 raise ValueError(f"{where}: image samples need the model's processor (AutoProcessor)")
@@ -203,7 +193,7 @@ def calibrate_checkpoint(
     with open(data) as handle:
         for line_number, line in enumerate(handle, 1):
             if line.strip():
-                record = _json_line(line, f"{data}:{line_number}")
+                record = json_object(line, f"{data}:{line_number}")
                 needs_processor = needs_processor or record.get("image") is not None
                 needs_tokenizer = needs_tokenizer or "input_ids" not in record
     model_cls = _model_class(model_dir, auto_class)

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from ..jsonl import json_object
+
 HARMFUL_FILE = "safety/harmful.jsonl"
 BENIGN_FILE = "safety/benign.jsonl"
 XSTEST_FILE = "safety/xstest.jsonl"
@@ -102,12 +104,7 @@ def read_jsonl(path: Path, fields: tuple[str, ...], optional: tuple[str, ...] = 
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-        if not isinstance(obj, dict):
-            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        obj = json_object(line, f"{path}:{lineno}", DataError)
         record: dict = {"_line": lineno}
         for name in (*fields, *(o for o in optional if o in obj)):
             if name not in obj:
