@@ -140,18 +140,8 @@ def online_empty(state_step: Tensor, found_inf: Tensor | None, device: torch.dev
 
 
 def online_addresses(staging: Staging, t: OnlineTensors) -> list[int]:
-    """The addresses of ``t``'s tensors (r and c > 0) in the online-step kernels' layout, in
-    :class:`OnlineTensors` order: the caller's own tensors when they have it (contiguous, the step
-    count fp32 and the mask on param's device; a bool mask is one byte per column, as the uint8
-    the kernels read), else those of :meth:`Staging.online`'s copies."""
-    device = t.param.device
-    if (
-        t.state_step.dtype == torch.float32
-        and t.state_step.device == device
-        and t.mask.device == device
-        and all(x.is_contiguous() for x in t)
-    ):
-        return [x.data_ptr() for x in t]
+    """The addresses of ``t``'s tensors (r and c > 0) in the online-step kernels' layout
+    (:meth:`Staging.online`), in :class:`OnlineTensors` order."""
     return [x.data_ptr() for x in staging.online(t)]
 
 

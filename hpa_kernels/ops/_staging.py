@@ -99,9 +99,18 @@ class Staging:
     def online(self, t: OnlineTensors) -> OnlineTensors:
         """``t`` (r and c > 0) in the layout of the online-step kernels: the (r, c) tensors and
         ``col_energy`` contiguous (those the step updates written back by :meth:`finish`),
-        ``state_step`` a dense fp32 0-d tensor and ``mask`` a uint8 view, both on param's device.
-        Every copy is kept alive until :meth:`finish` (the kernels take addresses)."""
+        ``state_step`` a dense fp32 tensor and ``mask`` a uint8 view, both on param's device.
+        The caller's own tensors when they have that layout (the mask viewed as uint8: one byte a
+        column, as bool); every copy is kept alive until :meth:`finish` (the kernels take
+        addresses)."""
         device = t.param.device
+        if (
+            t.state_step.dtype == torch.float32
+            and t.state_step.device == device
+            and t.mask.device == device
+            and all(x.is_contiguous() for x in t)
+        ):
+            return t._replace(mask=t.mask.view(torch.uint8))
         staged = OnlineTensors(
             param=self.contiguous(t.param, write_back=True),
             grad=self.contiguous(t.grad, write_back=False),
