@@ -242,8 +242,7 @@ def check_online_step(
     t: OnlineTensors, hyper: AdamWHyper, projection: OnlineProjection, *, float64: bool = False
 ) -> None:
     """The argument contract of ``hpa_kernels.ops.online_step``."""
-    if not _online_tensors_conform(t, float64):
-        _refuse_online_tensors(t, float64)
+    _check_online_tensors(t, float64)
     coef = projection.coef
     if projection.lagged and isinstance(coef, Tensor) and (coef.numel() != 1 or coef.device != t.param.device):
         raise ValueError(f"online_step: the lagged coefficient must be one element on {t.param.device}")
@@ -251,58 +250,32 @@ def check_online_step(
     _check_scalar(hyper.found_inf)
 
 
-def _online_tensors_conform(t: OnlineTensors, float64: bool) -> bool:
-    """Whether ``t`` passes every check of :func:`_refuse_online_tensors`: the same conditions as
-    one expression, each tensor attribute read once (this runs once per layer of every step)."""
+def _check_online_tensors(t: OnlineTensors, float64: bool) -> None:
+    """The tensor checks of ``hpa_kernels.ops.online_step``, raising at the first that ``t`` fails;
+    each tensor attribute is read once (this runs once per layer of every online step)."""
     param, grad, exp_avg, exp_avg_sq, state_step, w_prev, mask, col_energy = t
     shape, device, dtype = param.shape, param.device, param.dtype
-    f32 = _F32_FLOAT64 if float64 else _F32
-    cols = shape[1:]  # (c,) for a 2-D param
-    return (
-        dtype in (_FLOAT64_DTYPES if float64 else STORAGE_DTYPES)
-        and len(shape) == 2
-        and grad.shape == shape
-        and exp_avg.shape == shape
-        and exp_avg_sq.shape == shape
-        and w_prev.shape == shape
-        and grad.device == device
-        and exp_avg.device == device
-        and exp_avg_sq.device == device
-        and w_prev.device == device
-        and grad.dtype == dtype
-        and w_prev.dtype == dtype
-        and exp_avg.dtype in f32
-        and exp_avg_sq.dtype in f32
-        and mask.shape == cols
-        and col_energy.shape == cols
-        and mask.dtype == torch.bool
-        and col_energy.dtype in f32
-        and state_step.numel() == 1
-    )
-
-
-def _refuse_online_tensors(t: OnlineTensors, float64: bool) -> None:
-    """Raise the error of the first check of ``hpa_kernels.ops.online_step``'s tensors that ``t`` fails."""
-    param = t.param
-    _check_storage(param, "online_step: param", float64)
-    if param.dim() != 2:
-        raise ValueError(f"online_step: param must be 2-D (out_features, in_features), got {tuple(param.shape)}")
-    c = param.shape[1]
-    for name in ("grad", "exp_avg", "exp_avg_sq", "w_prev"):
-        other = getattr(t, name)
-        if other.shape != param.shape or other.device != param.device:
-            raise ValueError(f"online_step: {name} must match param's shape {tuple(param.shape)} and device")
-    if t.grad.dtype != param.dtype or t.w_prev.dtype != param.dtype:
+    if dtype not in (_FLOAT64_DTYPES if float64 else STORAGE_DTYPES):
+        _check_storage(param, "online_step: param", float64)  # raises its message
+    if len(shape) != 2:
+        raise ValueError(f"online_step: param must be 2-D (out_features, in_features), got {tuple(shape)}")
+    for name, other in (("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("w_prev", w_prev)):
+        if other.shape != shape or other.device != device:
+            raise ValueError(f"online_step: {name} must match param's shape {tuple(shape)} and device")
+    if grad.dtype != dtype or w_prev.dtype != dtype:
         raise TypeError("online_step: grad and w_prev must have param's dtype")
-    if not (_is_f32(t.exp_avg, float64) and _is_f32(t.exp_avg_sq, float64)):
+    f32 = _F32_FLOAT64 if float64 else _F32
+    if exp_avg.dtype not in f32 or exp_avg_sq.dtype not in f32:
         raise TypeError("online_step: exp_avg and exp_avg_sq must be float32")
-    _check_vector(t.mask, c, "mask", "online_step")
-    _check_vector(t.col_energy, c, "col_energy", "online_step")
-    if t.mask.dtype != torch.bool or not _is_f32(t.col_energy, float64):
+    columns = shape[1:]  # the helpers raise their messages; called on failure only
+    if mask.shape != columns:
+        _check_vector(mask, shape[1], "mask", "online_step")
+    if col_energy.shape != columns:
+        _check_vector(col_energy, shape[1], "col_energy", "online_step")
+    if mask.dtype != torch.bool or col_energy.dtype not in f32:
         raise TypeError("online_step: mask must be bool and col_energy float32")
-    if t.state_step.numel() != 1:
+    if state_step.numel() != 1:
         raise ValueError("online_step: state_step must be a one-element tensor")
-    raise AssertionError("online_step: _online_tensors_conform and _refuse_online_tensors disagree")
 
 
 def check_online_steps(
