@@ -554,8 +554,7 @@ ONLINE_REFUSALS = {
 
 @pytest.mark.parametrize("case", list(ONLINE_REFUSALS))
 def test_online_step_refuses_each_mismatch(case):
-    """Each of online_step's tensor checks refuses its mismatch with its message (the one-expression
-    check that passes conforming layers and the detailed one that words the refusal agree)."""
+    """Each of online_step's tensor checks refuses its mismatch with its message."""
     change, error, message = ONLINE_REFUSALS[case]
     shapes = {"param": (4, 6), "grad": (4, 6), "exp_avg": (4, 6), "exp_avg_sq": (4, 6), "state_step": ()}
     shapes |= {"w_prev": (4, 6), "mask": (6,), "col_energy": (6,)}
