@@ -25,6 +25,7 @@ by then); importing it registers the backend.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from typing import Any
 
@@ -389,7 +390,7 @@ def _adamw_launch(tensors: AdamWTensors, device: torch.device, hyper: AdamWHyper
 
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-_TABLES: dict[tuple, Tensor] = {}  # the last few device tables, by the addresses they hold
+_TABLES: dict[tuple, tuple[Tensor, int]] = {}  # the last few (device table, grid size), by the addresses held
 _MAX_TABLES = 8
 
 
@@ -404,23 +405,16 @@ def _adamw_table(entries: list[tuple[Tensor, ...]], device: torch.device) -> tup
     numels = [e[0].numel() for e in entries]
     addresses = [t.data_ptr() for column in zip(*entries) for t in column]
     key = (device, *addresses, *numels)
-    table = _TABLES.get(key)
-    blocks = [triton.cdiv(n, _ADAMW_BLOCK) for n in numels]
-    num_blocks = sum(blocks)
-    if table is None:
-        first = [0]
-        for b in blocks:
-            first.append(first[-1] + b)
+    cached = _TABLES.get(key)
+    if cached is None:
+        first = [0, *itertools.accumulate(triton.cdiv(n, _ADAMW_BLOCK) for n in numels)]
         host = torch.empty(len(addresses) + len(numels) + len(first), dtype=torch.int64)
         host.numpy()[:] = addresses + numels + first
-        if device.type == "cuda":
-            table = host.pin_memory().to(device, non_blocking=True)
-        else:
-            table = host
+        table = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
         if len(_TABLES) >= _MAX_TABLES:
             _TABLES.pop(next(iter(_TABLES)))
-        _TABLES[key] = table
-    return table, num_blocks
+        cached = _TABLES[key] = (table, first[-1])
+    return cached
 
 
 def hpa_reduce(w_prev: Tensor, w_new: Tensor) -> tuple[Tensor, Tensor, Tensor]:
