@@ -17,7 +17,7 @@ snapshot W_prev and mask M (the retained columns): W[:, M] == W_prev[:, M], and 
 from __future__ import annotations
 
 from collections.abc import Mapping, MutableMapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -28,60 +28,106 @@ from .functional import column_scores_from_energy, count_columns, projection_coe
 from .optim_state import adamw_hyperparameters
 
 
-def online_layers_step(
-    layers: Sequence[tuple[Tensor, Tensor, MutableMapping[str, Tensor], Tensor]],
-    group: Mapping[str, Any],
+class OnlineBatch(NamedTuple):
+    """The online step of the managed weights of one param group and device, prepared once (at a
+    task's first step, and again when the weights with gradients or the optimizer state change):
+    one :class:`hpa_kernels.ops.OnlineStepsPlan` over their working tensors and state."""
+
+    group: Mapping[str, Any]
+    weights: list[Tensor]  # the parameters, in the plan's order
+    weight_addresses: list[int]  # their data_ptr() when planned (the plan holds detached views of them)
+    working_dtypes: list[torch.dtype]  # the gradient each layer steps with is cast to it (master weights)
+    masters: list[tuple[Tensor, Tensor]]  # (parameter, fp32 master copy): the parameter gets its rounding
+    plan: ops.OnlineStepsPlan
+
+
+def plan_online_batches(
+    layers: Sequence[tuple[Tensor, Mapping[str, Any], MutableMapping[str, Tensor], Tensor, Tensor]],
     *,
     config: HPAConfig,
-    grad_scale: Tensor | None,
-    found_inf: Tensor | None,
     backend: str,
-) -> None:
-    """One online step of managed weights of one param group and device, in place, in one
-    :func:`hpa_kernels.ops.online_steps` call (each weight's result that of its own
+) -> list[OnlineBatch]:
+    """One :class:`OnlineBatch` per (param group, device) of ``layers``.
+
+    Args:
+        layers: per managed weight with a gradient ``(weight, group, state, working, prev)``: the
+            parameter, its param group (``lr``, ``betas``, ``eps``, ``weight_decay``,
+            ``maximize``, read at every step), its optimizer state (``exp_avg``, ``exp_avg_sq``,
+            ``step``, ``hpa_mask``, ``hpa_col_energy``, ``hpa_online_coef``: fp32 0-d, c_prev of
+            the lagged projection), the (r, c) tensor the step updates (the fp32 master copy, or
+            the weight) and W_prev in ``working``'s dtype.
+        config: ``orthogonal`` (HPA_SPEC.md Step 3) and ``online_projection``.
+        backend: kernels backend name (``"auto"`` allowed).
+
+    Raises:
+        ValueError / TypeError: what :class:`hpa_kernels.ops.OnlineStepsPlan` raises.
+    """
+    batches: dict[tuple[int, torch.device], list] = {}
+    for entry in layers:
+        batches.setdefault((id(entry[1]), entry[3].device), []).append(entry)
+    planned = []
+    for entries in batches.values():
+        tensors = [
+            ops.OnlineTensors(
+                working,
+                _grad(weight, working.dtype),
+                state["exp_avg"],
+                state["exp_avg_sq"],
+                state["step"],
+                prev,
+                state["hpa_mask"],
+                state["hpa_col_energy"],
+            )
+            for weight, _, state, working, prev in entries
+        ]
+        projections = [
+            ops.OnlineProjection(config.orthogonal, config.online_projection, state["hpa_online_coef"])
+            for _, _, state, _, _ in entries
+        ]
+        masters = [(weight.detach(), working) for weight, _, state, working, _ in entries if "master_param" in state]
+        planned.append(
+            OnlineBatch(
+                group=entries[0][1],
+                weights=[entry[0] for entry in entries],
+                weight_addresses=[entry[0].data_ptr() for entry in entries],
+                working_dtypes=[entry[3].dtype for entry in entries],
+                masters=masters,
+                plan=ops.OnlineStepsPlan(tensors, projections, backend=backend),
+            )
+        )
+    return planned
+
+
+def online_batches_step(batches: Sequence[OnlineBatch], *, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+    """One online step of every batch, in place (each weight's result that of its own
     :func:`hpa_kernels.ops.online_step`): AdamW, the retained columns back to W_prev, ΔW made
     orthogonal to W_prev (exact), or the previous step's component removed and the next one
     stored in ``state["hpa_online_coef"]`` (lagged), and the attempted update's column energies
-    accumulated into ``state["hpa_col_energy"]``.
+    accumulated into ``state["hpa_col_energy"]``; then master weights' parameters rounded.
 
     Args:
-        layers: per weight ``(working, grad, state, prev)``: the (r, c) tensor the step updates
-            (the fp32 master copy, or the weight), its gradient in ``working``'s dtype, the
-            weight's optimizer state (``exp_avg``, ``exp_avg_sq``, ``step``, ``hpa_mask``,
-            ``hpa_col_energy``, ``hpa_online_coef``: fp32 0-d, c_prev of the lagged projection)
-            and W_prev in ``working``'s dtype.
-        group: the weights' param group (``lr``, ``betas``, ``eps``, ``weight_decay``, ``maximize``).
-        config: ``orthogonal`` (HPA_SPEC.md Step 3) and ``online_projection``.
+        batches: from :func:`plan_online_batches`.
         grad_scale, found_inf: the AMP ``GradScaler`` tensors, or ``None``.
-        backend: kernels backend name (``"auto"`` allowed).
+
+    Raises:
+        hpa_kernels.ops.StalePlanError: a weight or a tensor a plan holds moved; nothing was
+            written.
     """
-    if not layers:
-        return
-    tensors = [
-        ops.OnlineTensors(
-            working,
-            grad,
-            state["exp_avg"],
-            state["exp_avg_sq"],
-            state["step"],
-            prev,
-            state["hpa_mask"],
-            state["hpa_col_energy"],
-        )
-        for working, grad, state, prev in layers
-    ]
-    coefs = [state["hpa_online_coef"] for _, _, state, _ in layers]
-    projections = [ops.OnlineProjection(config.orthogonal, config.online_projection, coef) for coef in coefs]
-    next_coefs = ops.online_steps(
-        tensors,
-        **adamw_hyperparameters(group),
-        grad_scale=grad_scale,
-        found_inf=found_inf,
-        projections=projections,
-        backend=backend,
-    )
-    if projections[0].lagged:
-        torch._foreach_copy_(coefs, list(next_coefs.unbind()))
+    if any(list(map(Tensor.data_ptr, batch.weights)) != batch.weight_addresses for batch in batches) or (
+        len(batches) > 1 and any(batch.plan.stale() for batch in batches)  # before the first batch steps
+    ):
+        raise ops.StalePlanError("online step: a weight's or a held tensor's storage was replaced; plan again")
+    for batch in batches:
+        grads = [_grad(weight, dtype) for weight, dtype in zip(batch.weights, batch.working_dtypes)]
+        batch.plan.step(grads, **adamw_hyperparameters(batch.group), grad_scale=grad_scale, found_inf=found_inf)
+        for weight, working in batch.masters:
+            weight.copy_(working)  # master weights: the parameter is the rounding
+
+
+def _grad(weight: Tensor, dtype: torch.dtype) -> Tensor:
+    """``weight``'s gradient in the working tensor's dtype (fp32 under master weights)."""
+    grad = weight.grad
+    return grad if grad.dtype == dtype else grad.to(dtype)
 
 
 def refresh_mask(

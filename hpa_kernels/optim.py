@@ -173,6 +173,10 @@ class HPAOptimizer(Optimizer):
         self._in_task = False
         self._tasks_completed = 0
         self._online_steps = 0  # steps of the open task taken in online mode (for refresh_every)
+        # The online step's plan: (managed weights, ids of those with a gradient, their batches or
+        # None before the first step plans them, the ids as a set)
+        self._online_cache: tuple[list[Tensor], tuple[int, ...], list[online.OnlineBatch] | None, frozenset[int]] | None
+        self._online_cache = None
 
     @classmethod
     def from_model(cls, model: nn.Module, *, hpa: HPAConfig | None = None, **kwargs: Any) -> HPAOptimizer:
@@ -234,6 +238,7 @@ class HPAOptimizer(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(optim_state.checked_param_group(param_group))
+        self._online_cache = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -247,6 +252,7 @@ class HPAOptimizer(Optimizer):
         state = dict(state)
         named = state.pop("_named_params", [])
         super().__setstate__(state)
+        self._online_cache = None
         self._param_names = {id(p): name for p, name in named}
 
     def state_dict(self) -> dict[str, Any]:
@@ -309,6 +315,7 @@ class HPAOptimizer(Optimizer):
         columns_of = {id(layer.module.weight): (layer.in_features,) for layer in self.hpa_layers.values()}
         optim_state.check_saved_state(state_dict["state"], by_id, columns_of, self._param_names)
         super().load_state_dict(state_dict)
+        self._online_cache = None
         optim_state.restore_groups(self.param_groups, self.defaults)
         optim_state.restore_state(self.state, state_dict["state"], by_id)
         self._in_task = bool(lifecycle["in_task"])
@@ -357,8 +364,7 @@ class HPAOptimizer(Optimizer):
         optim_step.check_grads(self.param_groups, self.backend, self._param_names)  # before any state changes
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        online_weights = self._online_weights()
-        skip = frozenset(online_weights)
+        skip = self._online_ids()
         gathered = [optim_step.gather_group(group, self.state, skip) for group in self.param_groups]
         for group, (params, grads, exp_avgs, exp_avg_sqs, steps, masters) in zip(self.param_groups, gathered):
             if not params:
@@ -376,50 +382,55 @@ class HPAOptimizer(Optimizer):
             )
             for p, master in masters:
                 p.copy_(master)  # the parameter is the rounding of its fp32 master copy
-        if online_weights:
-            self._online_step(online_weights, grad_scale, found_inf)
+        if skip:
+            self._online_step(grad_scale, found_inf)
         return loss
 
-    def _online_weights(self) -> dict[int, tuple[Tensor, dict[str, Any]]]:
-        """``{id(weight): (weight, param group)}`` of the managed weights with a gradient that the
-        online step handles: only with ``HPAConfig(online=True)``, inside a task."""
+    def _online_ids(self) -> frozenset[int]:
+        """The ids of the managed weights the online step handles (those with a gradient, in
+        online mode's tasks; the plain AdamW step skips them). The online step's plan
+        (:meth:`_online_batches`) is kept while they stay the same; ``begin_task``, ``end_task``,
+        ``load_state_dict`` and ``add_param_group`` drop it (the state it holds changes)."""
         if not (self.hpa.enabled and self.hpa.online and self._in_task):
-            return {}
-        group_of = {id(p): group for group in self.param_groups for p in group["params"]}
-        weights = {}
-        for layer in self.hpa_layers.values():
-            weight = layer.module.weight
-            if weight.grad is not None:
-                weights[id(weight)] = (weight, group_of[id(weight)])
-        return weights
+            return frozenset()
+        cached = self._online_cache
+        weights = cached[0] if cached is not None else [layer.module.weight for layer in self.hpa_layers.values()]
+        key = tuple(id(w) for w in weights if w.grad is not None)
+        if cached is None or cached[1] != key:
+            cached = self._online_cache = (weights, key, None, frozenset(key))
+        return cached[3]
 
-    def _online_step(
-        self,
-        online_weights: Mapping[int, tuple[Tensor, dict[str, Any]]],
-        grad_scale: Tensor | None,
-        found_inf: Tensor | None,
-    ) -> None:
-        """The online HPA step of every managed weight, one :func:`online.online_layers_step`
-        call per (param group, device): AdamW, then the retained columns back to W_prev and ΔW
-        made orthogonal to W_prev (exactly, or but for the lagged coefficient the next step
-        removes); every ``refresh_every`` steps a new column mask from the accumulated update
-        energies."""
-        batches: dict[tuple[int, torch.device], tuple[dict[str, Any], list]] = {}
-        masters: list[tuple[Tensor, Tensor]] = []
-        for weight, group in online_weights.values():
+    def _online_batches(self) -> list[online.OnlineBatch]:
+        """The online step's batches (:func:`online.plan_online_batches`) of :meth:`_online_ids`'
+        weights, planned on first use (their state exists once the plain step gathered them)."""
+        weights, key, batches, ids = self._online_cache
+        if batches is None:
+            batches = self._plan_online([w for w in weights if w.grad is not None])
+            self._online_cache = (weights, key, batches, ids)
+        return batches
+
+    def _plan_online(self, weights: list[Tensor]) -> list[online.OnlineBatch]:
+        group_of = {id(p): group for group in self.param_groups for p in group["params"]}
+        layers = []
+        for weight in weights:
             state = self.state[weight]
             working = self._working_weight(weight, state)
-            grad = weight.grad if working.dtype == weight.dtype else weight.grad.float()
-            batch = batches.setdefault((id(group), working.device), (group, []))[1]
-            batch.append((working, grad, state, self._snapshot(weight, state, working)))
-            if "master_param" in state:
-                masters.append((weight.detach(), working))
-        for group, layers in batches.values():
-            online.online_layers_step(
-                layers, group, config=self.hpa, grad_scale=grad_scale, found_inf=found_inf, backend=self.backend
-            )
-        for weight, working in masters:
-            weight.copy_(working)  # master weights: the parameter is the rounding
+            layers.append((weight, group_of[id(weight)], state, working, self._snapshot(weight, state, working)))
+        return online.plan_online_batches(layers, config=self.hpa, backend=self.backend)
+
+    def _online_step(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+        """The online HPA step of every managed weight with a gradient, one prepared
+        :class:`hpa_kernels.ops.OnlineStepsPlan` per (param group, device): AdamW, then the
+        retained columns back to W_prev and ΔW made orthogonal to W_prev (exactly, or but for the
+        lagged coefficient the next step removes); every ``refresh_every`` steps a new column
+        mask from the accumulated update energies. A plan whose tensors moved (a parameter's
+        storage replaced) is planned again."""
+        try:
+            online.online_batches_step(self._online_batches(), grad_scale=grad_scale, found_inf=found_inf)
+        except ops.StalePlanError:
+            weights, key, _, ids = self._online_cache
+            self._online_cache = (weights, key, None, ids)
+            online.online_batches_step(self._online_batches(), grad_scale=grad_scale, found_inf=found_inf)
         if found_inf is not None and bool(found_inf.item()):
             return  # a skipped step does not count towards the refresh (one host sync, online mode only)
         self._online_steps += 1
@@ -483,6 +494,7 @@ class HPAOptimizer(Optimizer):
                 self.hpa_layers, self.state, checked, working_of=self._working_weight, online=self.hpa.online
             )
         self._online_steps = 0
+        self._online_cache = None
         self._in_task = True
 
     @torch.no_grad()
@@ -525,8 +537,10 @@ class HPAOptimizer(Optimizer):
         hinv_task = _renamed("end_task", "hinv_task", hinv_task, "task_hessians", task_hessians)
         if not self._in_task:
             raise RuntimeError("HPAOptimizer.end_task: no task is open; call begin_task first")
+        self._online_cache = None  # the edit rewrites the state the plan holds
         if not self.hpa.enabled:
             self._in_task = False
+            self._online_cache = None
             self._tasks_completed += 1
             return {}
         checked = check_statistics("hinv_task", hinv_task, self.hpa_layers)
@@ -565,6 +579,7 @@ class HPAOptimizer(Optimizer):
         reports = {name: self._edited[name] for name in self.hpa_layers}
         self._edited = {}
         self._in_task = False
+        self._online_cache = None
         self._tasks_completed += 1
         return reports
 

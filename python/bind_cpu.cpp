@@ -52,43 +52,52 @@ void hpa_apply(int dtype, int64_t r, int64_t c, uintptr_t prev, int64_t ps0, int
                       reinterpret_cast<const uint8_t*>(mask), static_cast<float>(coef));
 }
 
-// One online step of n layers (lists of addresses and sizes, one entry per layer); returns the
-// layers' coefficients (hpa::cpu::online_step_multi).
-std::vector<double> online_steps(int dtype, const std::vector<int64_t>& rows, const std::vector<int64_t>& cols,
-                                 const std::vector<uintptr_t>& params, const std::vector<uintptr_t>& grads,
-                                 const std::vector<uintptr_t>& exp_avgs, const std::vector<uintptr_t>& exp_avg_sqs,
-                                 const std::vector<uintptr_t>& steps, const std::vector<uintptr_t>& w_prevs,
-                                 const std::vector<uintptr_t>& masks, const std::vector<uintptr_t>& col_energies,
-                                 const std::vector<double>& lags, double lr, double beta1, double beta2, double eps,
-                                 double weight_decay, bool maximize, uintptr_t grad_scale, uintptr_t found_inf,
-                                 int projection) {
-  const size_t n = rows.size();
-  for (size_t size : {cols.size(), params.size(), grads.size(), exp_avgs.size(), exp_avg_sqs.size(), steps.size(),
-                      w_prevs.size(), masks.size(), col_energies.size(), lags.size()}) {
-    if (size != n) throw std::invalid_argument("online_steps: layer lists differ in length");
-  }
-  std::vector<hpa::cpu::OnlineLayer> layers(n);
-  for (size_t l = 0; l < n; ++l) {
-    layers[l] = hpa::cpu::OnlineLayer{rows[l],
-                                      cols[l],
-                                      params[l],
-                                      grads[l],
-                                      reinterpret_cast<float*>(exp_avgs[l]),
-                                      reinterpret_cast<float*>(exp_avg_sqs[l]),
-                                      reinterpret_cast<float*>(steps[l]),
-                                      w_prevs[l],
-                                      reinterpret_cast<const uint8_t*>(masks[l]),
-                                      reinterpret_cast<float*>(col_energies[l]),
-                                      lags[l]};
+// Columns of online_steps' table, one int64 row per layer (hpa_kernels/ops/_native.py ONLINE_COLUMNS).
+enum OnlineColumn : int64_t {
+  kRows, kCols, kParam, kGrad, kExpAvg, kExpAvgSq, kStep, kWPrev, kMask, kColEnergy, kCoefCell, kOutIndex,
+  kOnlineColumns
+};
+
+// One online step of n layers of one storage dtype (hpa::cpu::online_step_multi) from a table of
+// n x kOnlineColumns int64: each layer's sizes and tensor addresses, the address of its fp32
+// coefficient cell (0: none) and its index in coefs_out (fp32). The lagged projection reads c_prev
+// from the cell and writes c_next back into it; every layer's coefficient (c', c_next or 0),
+// rounded to fp32, goes to coefs_out[index].
+void online_steps(int dtype, int64_t n, uintptr_t table, double lr, double beta1, double beta2, double eps,
+                  double weight_decay, bool maximize, uintptr_t grad_scale, uintptr_t found_inf, int projection,
+                  uintptr_t coefs_out) {
+  if (n < 0 || (n > 0 && (table == 0 || coefs_out == 0)))
+    throw std::invalid_argument("online_steps: no table or output for the layers");
+  const int64_t* rows = reinterpret_cast<const int64_t*>(table);
+  const bool lagged = projection == hpa::kProjectLagged;
+  std::vector<hpa::cpu::OnlineLayer> layers(static_cast<size_t>(n));
+  for (int64_t l = 0; l < n; ++l) {
+    const int64_t* row = rows + l * kOnlineColumns;
+    float* cell = reinterpret_cast<float*>(row[kCoefCell]);
+    layers[static_cast<size_t>(l)] = hpa::cpu::OnlineLayer{row[kRows],
+                                                           row[kCols],
+                                                           static_cast<uintptr_t>(row[kParam]),
+                                                           static_cast<uintptr_t>(row[kGrad]),
+                                                           reinterpret_cast<float*>(row[kExpAvg]),
+                                                           reinterpret_cast<float*>(row[kExpAvgSq]),
+                                                           reinterpret_cast<float*>(row[kStep]),
+                                                           static_cast<uintptr_t>(row[kWPrev]),
+                                                           reinterpret_cast<const uint8_t*>(row[kMask]),
+                                                           reinterpret_cast<float*>(row[kColEnergy]),
+                                                           lagged && cell != nullptr ? *cell : 0.0};
   }
   const hpa::AdamWHyper hyper{lr, beta1, beta2, eps, weight_decay, maximize};
-  std::vector<double> coefs(n, 0.0);
-  {
-    py::gil_scoped_release release;
-    hpa::cpu::online_step_multi(dtype, static_cast<int64_t>(n), layers.data(), hyper, ptr_or_null<float>(grad_scale),
-                                ptr_or_null<float>(found_inf), projection, coefs.data());
+  std::vector<double> coefs(static_cast<size_t>(n), 0.0);
+  py::gil_scoped_release release;
+  hpa::cpu::online_step_multi(dtype, n, layers.data(), hyper, ptr_or_null<float>(grad_scale),
+                              ptr_or_null<float>(found_inf), projection, coefs.data());
+  float* out = reinterpret_cast<float*>(coefs_out);
+  for (int64_t l = 0; l < n; ++l) {
+    const int64_t* row = rows + l * kOnlineColumns;
+    const float coef = static_cast<float>(coefs[static_cast<size_t>(l)]);
+    out[row[kOutIndex]] = coef;
+    if (lagged && row[kCoefCell] != 0) *reinterpret_cast<float*>(row[kCoefCell]) = coef;
   }
-  return coefs;
 }
 
 py::tuple split_range(int64_t n, int64_t parts, int64_t k) {
@@ -104,7 +113,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("adamw", &adamw, "Multi-tensor AdamW over dense tensors of one storage dtype");
   m.def("hpa_reduce", &hpa_reduce, "HPA column energies (into col_energy) and Frobenius sums; returns (dot, norm_sq)");
   m.def("hpa_apply", &hpa_apply, "HPA masked, projected write");
-  m.def("online_steps", &online_steps, "Online HPA step of layers of one storage dtype; returns their coefficients");
+  m.def("online_steps", &online_steps, "Online HPA step of the layers of one table (one storage dtype); coefficients into coefs_out");
   m.def("offset2d", &hpa::offset2d, "64-bit element offset i*stride0 + j*stride1 (index helper, for tests)");
   m.def("split_range", &split_range, "[begin, end) of part k of n items in `parts` parts (for tests)");
 #ifdef _OPENMP

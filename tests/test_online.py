@@ -146,25 +146,45 @@ def test_lagged_coefficient_is_saved_and_a_resume_continues_bit_for_bit(info):
 @optims("online")
 @pytest.mark.parametrize("projection", ["exact", "lagged"])
 @pytest.mark.parametrize("master", [False, True], ids=["fp32", "bf16-master"])
-def test_one_online_steps_call_per_step_equals_one_call_per_layer(info, projection, master, monkeypatch):
-    """The online step of all managed weights is one ops.online_steps call (one param group, one
-    device), and its results (weights, master copies, moments, masks, energies, the lagged
-    coefficient, across a refresh) are bit for bit those of one ops.online_step call per layer."""
+def test_one_planned_call_per_step_equals_one_call_per_layer(info, projection, master, monkeypatch):
+    """The online step of all managed weights is planned once per task (one param group, one
+    device: one ops.OnlineStepsPlan) and stepped by one plan call per step, and its results
+    (weights, master copies, moments, masks, energies, the lagged coefficient, across a refresh)
+    are bit for bit those of one ops.online_step call per layer."""
     from hpa_kernels import ops
 
-    def per_layer(layers, *, projections, **kwargs):
-        return torch.stack([ops.online_step(*t, projection=p, **kwargs) for t, p in zip(layers, projections)])
+    class PerLayer:
+        """ops.OnlineStepsPlan as one ops.online_step call per layer."""
 
-    multi = ops.online_steps
-    calls = []
+        def __init__(self, layers, projections, *, backend):
+            self.layers, self.projections, self.backend = layers, projections, backend
 
-    def counted(layers, **kwargs):
-        calls.append(len(layers))
-        return multi(layers, **kwargs)
+        def stale(self):
+            return False
+
+        def step(self, grads, **kwargs):
+            coefs = []
+            for t, p, g in zip(self.layers, self.projections, grads):
+                coefs.append(ops.online_step(*t._replace(grad=g), projection=p, backend=self.backend, **kwargs))
+                if p.lagged:
+                    p.coef.copy_(coefs[-1])
+            return torch.stack(coefs)
+
+    planned = ops.OnlineStepsPlan
+    plans, calls = [], []
+
+    class Counted(planned):
+        def __init__(self, layers, projections, **kwargs):
+            plans.append(len(layers))
+            super().__init__(layers, projections, **kwargs)
+
+        def step(self, grads, **kwargs):
+            calls.append(len(grads))
+            return super().step(grads, **kwargs)
 
     runs = []
-    for implementation in (counted, per_layer):
-        monkeypatch.setattr(ops, "online_steps", implementation)
+    for implementation in (Counted, PerLayer):
+        monkeypatch.setattr(ops, "OnlineStepsPlan", implementation)
         torch.manual_seed(0)
         model = info.model(width=20)
         if master:
@@ -174,6 +194,7 @@ def test_one_online_steps_call_per_step_equals_one_call_per_layer(info, projecti
         optimizer.begin_task(calibrate(model, optimizer, info.batches(2, 48)))
         train(model, optimizer, info.batches(4, 49))  # a refresh at step 3
         runs.append((model, optimizer))
+    assert plans == [len(runs[0][1].hpa_layers)]
     assert calls == [len(runs[0][1].hpa_layers)] * 4
     (model, optimizer), (other_model, other) = runs
     for (name, weight), other_weight in zip(model.state_dict().items(), other_model.state_dict().values()):
@@ -181,3 +202,31 @@ def test_one_online_steps_call_per_step_equals_one_call_per_layer(info, projecti
     for p, q in zip(model.parameters(), other_model.parameters()):
         for key, value in optimizer.state[p].items():
             assert torch.equal(value, other.state[q][key]), key
+
+
+@optims("online")
+@pytest.mark.parametrize("projection", ["exact", "lagged"])
+def test_online_step_follows_replaced_storage_and_frozen_layers(info, projection):
+    """The online step's plan follows the model: weights whose storage is replaced mid-task
+    (``weight.data = ...``) and a managed layer that stops getting gradients are stepped from
+    then on exactly as by an optimizer that never saw them otherwise (bit for bit)."""
+    runs = []
+    for change in (False, True):
+        torch.manual_seed(0)
+        model = info.model(width=20)
+        hpa = dataclasses.replace(info.hpa, online_projection=projection)
+        optimizer = info.build(model, lr=1e-2, hpa=hpa)
+        optimizer.begin_task(calibrate(model, optimizer, info.batches(2, 48)))
+        batches = info.batches(5, 49)
+        train(model, optimizer, batches[:2])
+        layers = list(optimizer.hpa_layers.values())
+        if change:
+            for layer in layers:
+                layer.module.weight.data = layer.module.weight.data.clone()
+        train(model, optimizer, batches[2:3])
+        layers[0].module.weight.requires_grad_(False)
+        layers[0].module.weight.grad = None
+        train(model, optimizer, batches[3:])
+        runs.append(model)
+    for (name, a), b in zip(runs[0].state_dict().items(), runs[1].state_dict().values()):
+        assert torch.equal(a, b), name

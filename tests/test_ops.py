@@ -20,6 +20,7 @@ decorated: this module sets it, when there is no GPU, before anything imports
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import warnings
@@ -533,6 +534,85 @@ def test_online_steps_checks_each_layer():
     with pytest.raises(ValueError, match="2 layers but 1 projections"):
         ops.online_steps(layers[:2], **HYPER, projections=[ops.OnlineProjection()], backend="torch")
     assert ops.online_steps([], **HYPER).shape == (0,)
+
+
+def _grads(layers, step, gen_seed=11):
+    """Step ``step``'s gradients of ``layers``: fresh values each step, odd ones transposed views."""
+    gen = torch.Generator().manual_seed(gen_seed + step)
+    grads = []
+    for k, t in enumerate(layers):
+        r, c = t.param.shape
+        g = torch.randn((r, c), generator=gen).to(t.param.device, t.param.dtype)
+        grads.append(g.t().contiguous().t() if k % 2 else g)  # (r, c), column-major when k is odd
+    return grads
+
+
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+@pytest.mark.parametrize("mode", ["exact", "lagged", "none"])
+@pytest.mark.parametrize("amp", [None, 1.0], ids=["plain", "skipped"])
+def test_online_steps_plan_equals_online_steps(backend, device, mode, amp):
+    """Three steps of one ops.OnlineStepsPlan write and return, bit for bit, what ops.online_steps
+    does with the same gradients (odd shapes and dtypes, an empty layer, strided gradients), and
+    each lagged step writes its c_next into the layer's coefficient tensor, which the next step
+    applies (and a skipped step leaves as it was)."""
+    small = backend == "triton" and not HAS_GPU
+    scaler = (
+        {}
+        if amp is None
+        else {"grad_scale": torch.tensor(8.0, device=device), "found_inf": torch.tensor(amp, device=device)}
+    )
+    orthogonal = mode != "none"
+    planned_layers, planned_coefs = _multi_layers(device, small)
+    called_layers, called_coefs = _multi_layers(device, small)
+    projection = functools.partial(ops.OnlineProjection, orthogonal, "exact" if mode == "none" else mode)
+    plan = ops.OnlineStepsPlan(planned_layers, [projection(c) for c in planned_coefs], backend=backend)
+    assert len(plan) == len(planned_layers)
+    for step in range(3):
+        grads = _grads(planned_layers, step)
+        out = plan.step(grads, **HYPER, **scaler)
+        expected = ops.online_steps(
+            [t._replace(grad=g) for t, g in zip(called_layers, _grads(called_layers, step))],
+            **HYPER, **scaler, projections=[projection(c) for c in called_coefs], backend=backend,
+        )  # fmt: skip
+        if mode == "lagged":  # the caller of online_steps carries c_next to the next step itself
+            for c, value in zip(called_coefs, expected.unbind()):
+                c.copy_(value)
+        assert torch.equal(_bits(out), _bits(expected)), step
+        for k, (a, b) in enumerate(zip(planned_layers, called_layers)):
+            for name, x, y in zip(ops.OnlineTensors._fields, a, b):
+                if name != "grad":
+                    assert torch.equal(_bits(x), _bits(y)), (step, k, name)
+        for k, (a, b) in enumerate(zip(planned_coefs, called_coefs)):
+            assert torch.equal(_bits(a), _bits(b)), (step, k)
+    if amp == 1.0:
+        assert torch.equal(torch.stack(planned_coefs), torch.stack(_multi_layers(device, small)[1]))
+
+
+def test_online_steps_plan_refuses_what_online_steps_refuses():
+    """A plan runs online_steps' checks at construction and on each step's gradients (their
+    messages), wants a float32 tensor as each lagged coefficient, and refuses to step once a held
+    tensor's storage was replaced (StalePlanError), writing nothing."""
+    layers, coefs = _multi_layers("cpu", small=True)
+    with pytest.raises(TypeError, match=r"online_steps: layers\[3\]: online_step: grad and w_prev"):
+        ops.OnlineStepsPlan([*layers[:3], layers[3]._replace(grad=layers[3].grad.double())], backend="cpu")
+    with pytest.raises(ValueError, match=r"layers\[0\]: a lagged coef must be a float32"):
+        ops.OnlineStepsPlan(layers[:1], [ops.OnlineProjection(mode="lagged", coef=0.5)], backend="cpu")
+    with pytest.raises(ValueError, match="no layers"):
+        ops.OnlineStepsPlan([], backend="cpu")
+    plan = ops.OnlineStepsPlan(layers, [ops.OnlineProjection(mode="lagged", coef=c) for c in coefs], backend="cpu")
+    grads = _grads(layers, 0)
+    with pytest.raises(ValueError, match=r"layers\[2\]: online_step: grad must match param's shape"):
+        plan.step([*grads[:2], grads[2][:, :-1], *grads[3:]], **HYPER)
+    with pytest.raises(TypeError, match=r"layers\[1\]: online_step: grad and w_prev"):
+        plan.step([grads[0], grads[1].double(), *grads[2:]], **HYPER)
+    with pytest.raises(ValueError, match="8 layers but 7 grads"):
+        plan.step(grads[:-1], **HYPER)
+    before = [t.clone() for layer in layers for t in layer]
+    layers[5].param.data = layers[5].param.data.clone()
+    assert plan.stale()
+    with pytest.raises(ops.StalePlanError, match="build a new plan"):
+        plan.step(grads, **HYPER)
+    assert all(torch.equal(a, b) for a, b in zip(before, (t for layer in layers for t in layer)))
 
 
 ONLINE_REFUSALS = {

@@ -219,30 +219,62 @@ HPA_ALWAYS_INLINE void online_seg(const OnlineRow<D>& row, int64_t j0, int64_t j
   *norm_out = rnorm;
 }
 
+// Pass 1 on rows [r0, r1) x columns [c0, c1) of one layer: online_seg on each row, in spans of at
+// most kRowSpan columns, each span's fp32 sums added to the block's double sums in order.
 template <int D>
-using OnlineSegFn = void (*)(const OnlineRow<D>&, int64_t, int64_t, const AdamWStepConsts&, float, float, float,
-                             float*, float*);
+struct OnlineBlock {
+  typename Storage<D>::Raw* param;
+  const typename Storage<D>::Raw* grad;
+  const typename Storage<D>::Raw* w_prev;
+  float* exp_avg;
+  float* exp_avg_sq;
+  const uint32_t* mask;  // the layer's widened mask
+  float* acc;            // the block's column partials (cols entries, indexed by column)
+  int64_t cols, r0, r1, c0, c1;
+};
+
 template <int D, bool kScaled, bool kLowWeight, bool kLagged>
-HPA_TARGET_AVX2 void online_seg_avx2(const OnlineRow<D>& row, int64_t j0, int64_t j1, const AdamWStepConsts& k,
-                                     float scale, float sign, float lag, float* dot, float* norm) {
-  online_seg<D, kScaled, kLowWeight, kLagged>(row, j0, j1, k, scale, sign, lag, dot, norm);
+HPA_ALWAYS_INLINE void online_block(const OnlineBlock<D>& b, const AdamWStepConsts& k, float scale, float sign,
+                                    float lag, double* dot_out, double* norm_out) {
+  double dot = 0.0, norm = 0.0;
+  for (int64_t i = b.r0; i < b.r1; ++i) {
+    const int64_t at = i * b.cols;
+    const OnlineRow<D> row{b.param + at, b.grad + at, b.w_prev + at, b.exp_avg + at, b.exp_avg_sq + at, b.mask, b.acc};
+    for (int64_t j0 = b.c0; j0 < b.c1; j0 += kRowSpan) {
+      const int64_t j1 = std::min(b.c1, j0 + kRowSpan);
+      float rdot = 0.0f, rnorm = 0.0f;
+      online_seg<D, kScaled, kLowWeight, kLagged>(row, j0, j1, k, scale, sign, lag, &rdot, &rnorm);
+      dot += rdot;
+      norm += rnorm;
+    }
+  }
+  *dot_out = dot;
+  *norm_out = norm;
+}
+
+template <int D>
+using OnlineBlockFn = void (*)(const OnlineBlock<D>&, const AdamWStepConsts&, float, float, float, double*, double*);
+template <int D, bool kScaled, bool kLowWeight, bool kLagged>
+HPA_TARGET_AVX2 void online_block_avx2(const OnlineBlock<D>& b, const AdamWStepConsts& k, float scale, float sign,
+                                       float lag, double* dot, double* norm) {
+  online_block<D, kScaled, kLowWeight, kLagged>(b, k, scale, sign, lag, dot, norm);
 }
 template <int D, bool kScaled, bool kLowWeight, bool kLagged>
-void online_seg_base(const OnlineRow<D>& row, int64_t j0, int64_t j1, const AdamWStepConsts& k, float scale,
-                     float sign, float lag, float* dot, float* norm) {
-  online_seg<D, kScaled, kLowWeight, kLagged>(row, j0, j1, k, scale, sign, lag, dot, norm);
+void online_block_base(const OnlineBlock<D>& b, const AdamWStepConsts& k, float scale, float sign, float lag,
+                       double* dot, double* norm) {
+  online_block<D, kScaled, kLowWeight, kLagged>(b, k, scale, sign, lag, dot, norm);
 }
 template <int D, bool kScaled, bool kLowWeight, bool kLagged>
-OnlineSegFn<D> pick_online4() {
-  return use_avx2() ? &online_seg_avx2<D, kScaled, kLowWeight, kLagged>
-                    : &online_seg_base<D, kScaled, kLowWeight, kLagged>;
+OnlineBlockFn<D> pick_online4() {
+  return use_avx2() ? &online_block_avx2<D, kScaled, kLowWeight, kLagged>
+                    : &online_block_base<D, kScaled, kLowWeight, kLagged>;
 }
 template <int D, bool kScaled, bool kLowWeight>
-OnlineSegFn<D> pick_online3(bool lagged) {
+OnlineBlockFn<D> pick_online3(bool lagged) {
   return lagged ? pick_online4<D, kScaled, kLowWeight, true>() : pick_online4<D, kScaled, kLowWeight, false>();
 }
 template <int D>
-OnlineSegFn<D> pick_online(bool scaled, bool low_weight, bool lagged) {
+OnlineBlockFn<D> pick_online(bool scaled, bool low_weight, bool lagged) {
   if (scaled) return low_weight ? pick_online3<D, true, true>(lagged) : pick_online3<D, true, false>(lagged);
   return low_weight ? pick_online3<D, false, true>(lagged) : pick_online3<D, false, false>(lagged);
 }
@@ -395,7 +427,7 @@ void online_typed(int64_t n, const OnlineLayer* layers, const AdamWHyper& h, con
       wide_mask[static_cast<size_t>(mask0[static_cast<size_t>(l)] + j)] = layers[l].mask[j] != 0 ? 1u : 0u;
   std::vector<float> partial(static_cast<size_t>(part0[static_cast<size_t>(n)]), 0.0f);
   std::vector<double> dots(static_cast<size_t>(ntasks), 0.0), norms(static_cast<size_t>(ntasks), 0.0);
-  const OnlineSegFn<D> seg =
+  const OnlineBlockFn<D> seg =
       pick_online<D>(has_scale, n > 0 && consts[0].lerp_weight < 0.5f, mode == kProjectLagged);
   const ProjectRowFn<D> project = use_avx2() ? &project_row_avx2<D> : &project_row_base<D>;
   std::vector<float> cfs(static_cast<size_t>(n), 0.0f);
@@ -446,24 +478,20 @@ void online_typed(int64_t n, const OnlineLayer* layers, const AdamWHyper& h, con
       int64_t r0, r1, c0, c1;
       split_range(r, t.row_blocks, a, &r0, &r1);
       split_range(c, t.col_blocks, b, &c0, &c1);
-      float* acc = partial.data() + part0[static_cast<size_t>(l)] + a * c;
-      Raw* Pm = reinterpret_cast<Raw*>(L.param);
-      const Raw* G = reinterpret_cast<const Raw*>(L.grad);
-      const Raw* W0 = reinterpret_cast<const Raw*>(L.w_prev);
-      const AdamWStepConsts k = consts[static_cast<size_t>(l)];
-      const float lag = static_cast<float>(L.lag);
+      const OnlineBlock<D> block{reinterpret_cast<Raw*>(L.param),
+                                 reinterpret_cast<const Raw*>(L.grad),
+                                 reinterpret_cast<const Raw*>(L.w_prev),
+                                 L.exp_avg,
+                                 L.exp_avg_sq,
+                                 wide_mask.data() + mask0[static_cast<size_t>(l)],
+                                 partial.data() + part0[static_cast<size_t>(l)] + a * c,
+                                 c,
+                                 r0,
+                                 r1,
+                                 c0,
+                                 c1};
       double dot = 0.0, norm = 0.0;
-      for (int64_t i = r0; i < r1; ++i) {
-        const OnlineRow<D> row{Pm + i * c, G + i * c, W0 + i * c, L.exp_avg + i * c, L.exp_avg_sq + i * c,
-                               wide_mask.data() + mask0[static_cast<size_t>(l)], acc};
-        for (int64_t j0 = c0; j0 < c1; j0 += kRowSpan) {
-          const int64_t j1 = std::min(c1, j0 + kRowSpan);
-          float rdot = 0.0f, rnorm = 0.0f;
-          seg(row, j0, j1, k, scale, sign, lag, &rdot, &rnorm);
-          dot += rdot;
-          norm += rnorm;
-        }
-      }
+      seg(block, consts[static_cast<size_t>(l)], scale, sign, static_cast<float>(L.lag), &dot, &norm);
       dots[static_cast<size_t>(task)] = dot;
       norms[static_cast<size_t>(task)] = norm;
       if (remaining[static_cast<size_t>(l)].fetch_sub(1, std::memory_order_acq_rel) == 1) finish_layer(l);

@@ -425,3 +425,128 @@ def online_steps(
     hyper = schema.AdamWHyper(lr, beta1, beta2, eps, weight_decay, maximize, grad_scale, found_inf)
     schema.check_online_steps(layers, hyper, projections, float64=kernels.float64)
     return kernels.online_steps(layers, hyper, projections)
+
+
+_TENSORS_ONLY = schema.AdamWHyper(0.0, 0.0, 0.0, 0.0, 0.0)  # no GradScaler tensors: checks of the tensors alone
+
+
+class StalePlanError(RuntimeError):
+    """A tensor an :class:`OnlineStepsPlan` holds is no longer where the plan found it (its
+    storage was replaced: ``param.data = ...``, ``set_``, a ``load_state_dict`` that swapped
+    it): the plan did nothing; build a new one."""
+
+
+class OnlineStepsPlan:
+    """:func:`online_steps` prepared once for layers whose tensors other than the gradients stay
+    the same from step to step, as a training loop's weights, moments, step counts, W_prev,
+    masks and energies do: everything but the gradients is checked and staged at construction,
+    so each :meth:`step` checks only the gradients (and that the held tensors have not moved).
+
+    Each :meth:`step` gives, bit for bit, what :func:`online_steps` gives on ``layers`` with its
+    ``grads`` and ``projections``, and writes each lagged layer's c_next into that layer's
+    ``projection.coef`` in place: the next step applies it (the lagged invariant of
+    :func:`online_step`, kept without a copy). ``"cpu"`` builds its native tables once here;
+    the other backends call their :func:`online_steps` from :meth:`step`.
+
+    Args:
+        layers: one :class:`OnlineTensors` per weight, as :func:`online_steps` takes them, with
+            the gradients of the first step (any later step brings its own).
+        projections: one :class:`OnlineProjection` per layer (``None``: exact for all); a lagged
+            one's ``coef`` must be a float32 one-element contiguous tensor on the layers' device
+            (read as c_prev, then overwritten with c_next, by every step).
+        backend: ``"auto"`` or one of :func:`available_backends`, resolved here once.
+
+    Raises:
+        ValueError / TypeError: what :func:`online_steps` raises for these arguments, no layers,
+            or a lagged ``coef`` that is not such a tensor.
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[schema.OnlineTensors],
+        projections: Sequence[OnlineProjection] | None = None,
+        *,
+        backend: str = "auto",
+    ) -> None:
+        layers = list(layers)
+        if not layers:
+            raise ValueError("OnlineStepsPlan: no layers")
+        projections = [OnlineProjection()] * len(layers) if projections is None else list(projections)
+        self.device = layers[0].param.device
+        self._kernels = _kernels(backend, self.device)
+        schema.check_online_steps(layers, _TENSORS_ONLY, projections, float64=self._kernels.float64)
+        for k, projection in enumerate(projections):
+            coef = projection.coef
+            if projection.lagged and not (
+                isinstance(coef, Tensor) and coef.dtype == torch.float32 and coef.numel() == 1 and coef.is_contiguous()
+            ):
+                raise ValueError(f"OnlineStepsPlan: layers[{k}]: a lagged coef must be a float32 one-element tensor")
+        self._layers = layers
+        self._projections = projections
+        self._grad_specs = [(t.param.shape, t.param.dtype) for t in layers]
+        self._held = [
+            x for t, p in zip(layers, projections) for x in (*t[:1], *t[2:], *((p.coef,) if p.lagged else ()))
+        ]
+        self._addresses = list(map(Tensor.data_ptr, self._held))
+        plan = self._kernels.plan_online_steps
+        self._step = (plan and plan(layers, projections)) or self._calls
+
+    def __len__(self) -> int:
+        return len(self._layers)
+
+    def step(
+        self,
+        grads: Sequence[Tensor],
+        *,
+        lr: float | Tensor,
+        beta1: float,
+        beta2: float,
+        eps: float,
+        weight_decay: float,
+        maximize: bool = False,
+        grad_scale: Tensor | None = None,
+        found_inf: Tensor | None = None,
+    ) -> Tensor:
+        """One online step of the plan's layers with ``grads``, in place (:class:`OnlineStepsPlan`).
+
+        Args:
+            grads: one gradient per layer, in the plan's order: its param's shape, dtype and
+                device, any strides.
+            lr, beta1, beta2, eps, weight_decay, maximize, grad_scale, found_inf: as
+                :func:`online_step`, shared by every layer.
+
+        Returns:
+            (n,) float32 on the layers' device: each layer's c', c_next or 0, as :func:`online_steps`.
+
+        Raises:
+            ValueError / TypeError: a gradient that does not fit its layer (the message of
+                :func:`online_steps`), or not one per layer.
+            StalePlanError: a held tensor moved; nothing was written.
+        """
+        grads = list(grads)
+        if len(grads) != len(self._grad_specs):
+            raise ValueError(f"OnlineStepsPlan.step: {len(self._grad_specs)} layers but {len(grads)} grads")
+        device = self.device
+        for g, (shape, dtype) in zip(grads, self._grad_specs):
+            if g.shape != shape or g.dtype != dtype or g.device != device:
+                layers = [t._replace(grad=g) for t, g in zip(self._layers, grads)]
+                schema.check_online_steps(layers, _TENSORS_ONLY, self._projections, float64=self._kernels.float64)
+        if self.stale():
+            raise StalePlanError("OnlineStepsPlan.step: a held tensor's storage was replaced; build a new plan")
+        hyper = schema.AdamWHyper(lr, beta1, beta2, eps, weight_decay, maximize, grad_scale, found_inf)
+        schema.check_scalars(hyper)
+        return self._step(grads, hyper)
+
+    def stale(self) -> bool:
+        """Whether a tensor the plan holds is no longer where it was (:class:`StalePlanError`)."""
+        return list(map(Tensor.data_ptr, self._held)) != self._addresses
+
+    def _calls(self, grads: list[Tensor], hyper: schema.AdamWHyper) -> Tensor:
+        """The step through the backend's :func:`online_steps` (its c_next copied into the lagged
+        layers' coefficient tensors)."""
+        layers = [t._replace(grad=g) for t, g in zip(self._layers, grads)]
+        coefs = self._kernels.online_steps(layers, hyper, self._projections)
+        lagged = [k for k, p in enumerate(self._projections) if p.lagged]
+        if lagged:
+            torch._foreach_copy_([self._projections[k].coef for k in lagged], list(coefs[lagged].unbind()))
+        return coefs

@@ -26,6 +26,8 @@ from .schema import AdamWHyper, AdamWTensors, OnlineProjection, OnlineTensors
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # csrc/include/hpa/common.h DType
 PROJECTION_CODES = {"none": 0, "exact": 1, "lagged": 2}  # csrc/include/hpa/common.h ProjectionMode
+ONLINE_COLUMNS = 12  # python/bind_cpu.cpp OnlineColumn: rows, cols, 8 addresses, coefficient cell, out index
+ONLINE_GRAD_COLUMN = 3  # the grad address's column in that table
 
 
 def _load(name: str) -> tuple[ModuleType | None, str | None]:
@@ -127,16 +129,6 @@ def apply_args(w_prev: Tensor, w_new: Tensor, mask: Tensor, out: Tensor | None) 
     mask_u8 = mask.to(device).contiguous().view(torch.uint8)
     mats = (w_prev.data_ptr(), *w_prev.stride(), w_new.data_ptr(), *w_new.stride(), out.data_ptr(), *out.stride())
     return out, ((code, r, c, *mats, mask_u8.data_ptr()), (w_prev, mask_u8))
-
-
-def online_empty(state_step: Tensor, found_inf: Tensor | None, device: torch.device) -> Tensor:
-    """``online_step`` on an (r, c) weight with r or c 0: nothing to update but the step count
-    (kept in step with the other backends); c' = 0, on ``device`` (param's)."""
-    if found_inf is None:
-        state_step.add_(1)
-    else:
-        state_step.add_((found_inf.reshape(()) == 0).to(device=state_step.device, dtype=state_step.dtype))
-    return torch.zeros((), dtype=torch.float32, device=device)
 
 
 def online_addresses(staging: Staging, t: OnlineTensors) -> list[int]:

@@ -60,10 +60,13 @@ class Staging:
         self._writebacks.append((t, tmp))
         return tmp
 
-    def contiguous(self, t: Tensor, *, write_back: bool) -> Tensor:
+    def contiguous(self, t: Tensor, *, write_back: bool = False) -> Tensor:
+        """``t`` when contiguous, else a contiguous copy kept alive until :meth:`finish` (and
+        written back then with ``write_back``)."""
         if t.is_contiguous():
             return t
         tmp = t.contiguous()
+        self.keep.append(tmp)
         if write_back:
             self._writebacks.append((t, tmp))
         return tmp
@@ -104,12 +107,7 @@ class Staging:
         column, as bool); every copy is kept alive until :meth:`finish` (the kernels take
         addresses)."""
         device = t.param.device
-        if (
-            t.state_step.dtype == torch.float32
-            and t.state_step.device == device
-            and t.mask.device == device
-            and all(x.is_contiguous() for x in t)
-        ):
+        if self.online_ready(t):
             return t._replace(mask=t.mask.view(torch.uint8))
         staged = OnlineTensors(
             param=self.contiguous(t.param, write_back=True),
@@ -123,6 +121,18 @@ class Staging:
         )
         self.keep.extend(staged)
         return staged
+
+    @staticmethod
+    def online_ready(t: OnlineTensors) -> bool:
+        """Whether :meth:`online` takes ``t`` as it is (no copy): every tensor contiguous,
+        ``state_step`` fp32 and ``mask`` on param's device."""
+        device = t.param.device
+        return (
+            t.state_step.dtype == torch.float32
+            and t.state_step.device == device
+            and t.mask.device == device
+            and all(x.is_contiguous() for x in t)
+        )
 
     def finish(self) -> None:
         for original, tmp in self._writebacks:

@@ -71,7 +71,7 @@ def online_step(tensors: OnlineTensors, hyper: AdamWHyper, projection: OnlinePro
     """See ``hpa_kernels.ops.online_step`` (c_prev is read and the coefficient stays on the device)."""
     device = tensors.param.device
     if tensors.param.numel() == 0:
-        return _native.online_empty(tensors.state_step, hyper.found_inf, device)
+        return schema.empty_online_step(tensors.state_step, hyper, projection, device)
     r, c = tensors.param.shape
     f32 = {"dtype": torch.float32, "device": device}
     staging, args = _native.online_args(tensors, hyper, projection)

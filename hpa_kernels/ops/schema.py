@@ -125,6 +125,13 @@ class Kernels:
         hpa_apply(w_prev, w_new, mask, coef, out) -> Tensor
         online_step(tensors, hyper, projection) -> Tensor
         online_steps(layers, hyper, projections) -> Tensor   # (n,) fp32, one entry per layer
+        plan_online_steps(layers, projections) -> step(grads, hyper) -> Tensor, or None
+
+    ``plan_online_steps`` (optional) prepares ``hpa_kernels.ops.OnlineStepsPlan``'s calls: the
+    returned ``step`` does what ``online_steps`` does on the layers with ``grads`` in place of
+    their gradients (which passed the plan's checks) and also writes each lagged layer's c_next
+    into its ``projection.coef`` tensor; ``None`` (or no function) lets the plan call
+    ``online_steps``.
     """
 
     name: str
@@ -133,6 +140,10 @@ class Kernels:
     hpa_apply: Callable[[Tensor, Tensor, Tensor, float | Tensor, Tensor | None], Tensor]
     online_step: Callable[[OnlineTensors, AdamWHyper, OnlineProjection], Tensor]
     online_steps: Callable[[list[OnlineTensors], AdamWHyper, list[OnlineProjection]], Tensor]
+    plan_online_steps: (
+        Callable[[list[OnlineTensors], list[OnlineProjection]], Callable[[list[Tensor], AdamWHyper], Tensor] | None]
+        | None
+    ) = None
     float64: bool = False  # takes float64 tensors too (the "torch" reference only)
 
 
@@ -146,6 +157,24 @@ def online_steps_by_layer(
         return torch.stack([online_step(t, hyper, p) for t, p in zip(layers, projections)])
 
     return online_steps
+
+
+def empty_online_step(
+    state_step: Tensor, hyper: AdamWHyper, projection: OnlineProjection, device: torch.device
+) -> Tensor:
+    """``online_step`` on an (r, c) weight with r or c 0, as every backend does it: nothing to
+    update but the step count (not counted on a GradScaler-skipped step); returns 0 (c', or the
+    lagged c_next: no free column) or, on a skipped lagged step, c_prev; fp32 0-d on ``device``
+    (param's), without a host sync."""
+    zero = torch.zeros((), dtype=torch.float32, device=device)
+    if hyper.found_inf is None:
+        state_step.add_(1)
+        return zero
+    skipped = hyper.found_inf.detach().reshape(()).to(device) != 0
+    state_step.add_((~skipped).to(device=state_step.device, dtype=state_step.dtype))
+    if not projection.lagged:
+        return zero
+    return torch.where(skipped, torch.as_tensor(projection.coef, dtype=torch.float32, device=device).reshape(()), zero)
 
 
 REGISTRY: dict[str, Kernels] = {}
@@ -193,6 +222,12 @@ def _check_vector(v: Tensor, c: int, name: str, op: str) -> None:
         raise ValueError(f"{op}: {name} must have shape ({c},), got {tuple(v.shape)}")
 
 
+def check_scalars(hyper: AdamWHyper) -> None:
+    """``grad_scale`` and ``found_inf``: one element each when given."""
+    _check_scalar(hyper.grad_scale)
+    _check_scalar(hyper.found_inf)
+
+
 # ---------------------------------------------------------------------------------------------
 # One check per op (the contracts in the docstrings of hpa_kernels.ops)
 
@@ -217,8 +252,7 @@ def check_adamw_step(tensors: AdamWTensors, hyper: AdamWHyper, *, float64: bool 
             raise TypeError(f"adamw_step: exp_avgs[{k}] / exp_avg_sqs[{k}] must be float32")
         if s.numel() != 1:
             raise ValueError(f"adamw_step: state_steps[{k}] must be a one-element tensor")
-    _check_scalar(hyper.grad_scale)
-    _check_scalar(hyper.found_inf)
+    check_scalars(hyper)
 
 
 def check_hpa_reduce(w_prev: Tensor, w_new: Tensor, *, float64: bool = False) -> None:
@@ -246,8 +280,7 @@ def check_online_step(
     coef = projection.coef
     if projection.lagged and isinstance(coef, Tensor) and (coef.numel() != 1 or coef.device != t.param.device):
         raise ValueError(f"online_step: the lagged coefficient must be one element on {t.param.device}")
-    _check_scalar(hyper.grad_scale)
-    _check_scalar(hyper.found_inf)
+    check_scalars(hyper)
 
 
 def _check_online_tensors(t: OnlineTensors, float64: bool) -> None:

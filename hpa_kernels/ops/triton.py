@@ -475,9 +475,7 @@ def online_step(tensors: OnlineTensors, hyper: AdamWHyper, projection: OnlinePro
     r, c = tensors.param.shape
     skip = _skip_flag(hyper.found_inf, device)
     if r == 0 or c == 0:
-        state_step = tensors.state_step
-        state_step.add_(1.0 if skip is None else (~skip).to(state_step.device, state_step.dtype))
-        return torch.zeros((), dtype=torch.float32, device=device)
+        return schema.empty_online_step(tensors.state_step, hyper, projection, device)
     with _on(device):
         return _online_launch(tensors, device, skip, hyper, projection)
 
