@@ -103,7 +103,14 @@ def markdown(report: Report, plot_name: str) -> str:
             f"{c['model']}, batch {c['batch'][0]} × {c['batch'][1]} tokens, {c['watched_layers']} watched layers: "
             f"forward {_ms(c['forward'])}, with the collector {_ms(c['forward_with_collector'])}: "
             f"**+{c['overhead_s'] * 1e3:.1f} ms (+{c['overhead_ratio']:.0%})** per forward; the hooks' XᵀX "
-            f"products are {c['collector_gflop']:.1f} GFLOP, {c['collector_gflops']:.0f} GFLOP/s over the overhead."
+            f"products are {c['collector_gflop']:.1f} GFLOP, {c['collector_gflops']:.0f} GFLOP/s over the overhead"
+            + (
+                f"; those products alone (`torch.mm` on the {c['distinct_inputs']} distinct inputs of one forward, "
+                f"the FLOP floor) take {_ms(c['xtx_floor'])}: the overhead is "
+                f"**{c['overhead_vs_floor']:.2f}× the floor**."
+                if "xtx_floor" in c
+                else "."
+            )
         )
     lines += [
         "",

@@ -9,6 +9,7 @@ TARGETS = {
     "online": 1.15,  # HPA online step time (the lagged projection's one pass) / torch fused AdamW time, at most
     "edit": 3.0,  # torch-backend edit time / compiled-backend edit time, at least
     "bandwidth": 0.85,  # plain step GB/s / copy GB/s at >= 1e7 parameters, at least
+    "collector": 1.2,  # HessianCollector's overhead per forward / its XᵀX products alone, at most
 }
 
 
@@ -81,4 +82,12 @@ def evaluate_targets(report: Report, ours: str) -> None:
         lambda v: v >= TARGETS["bandwidth"],
         "of copy",
         min,
+    )
+    target(
+        "HessianCollector overhead vs its FLOP floor (the XᵀX products alone)",
+        f"≤ {TARGETS['collector']:.1f}×",
+        [(c["model"], c["overhead_vs_floor"]) for c in report.calibration if "overhead_vs_floor" in c],
+        lambda v: v <= TARGETS["collector"],
+        "× floor",
+        max,
     )

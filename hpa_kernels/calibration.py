@@ -24,7 +24,9 @@ class _Group:
         self.xtx: Tensor | None = None
         self.tokens = 0
         self.last_input: Tensor | None = None
-        # The forward pass in progress: committed to xtx / tokens only when the pass completes.
+        # The forward pass in progress: xtx plus its products (computed by the GEMM, xtx as its
+        # addend: no separate pass), and its tokens; becomes xtx / is added to tokens only when the
+        # pass completes, and is dropped otherwise.
         self.pending_xtx: Tensor | None = None
         self.pending_tokens = 0
 
@@ -33,7 +35,7 @@ class _Group:
 
     def commit(self) -> None:
         if self.pending_xtx is not None:
-            self.xtx = self.pending_xtx if self.xtx is None else self.xtx + self.pending_xtx
+            self.xtx = self.pending_xtx  # already xtx + this pass's products
             self.tokens += self.pending_tokens
         self.discard()
 
@@ -287,8 +289,10 @@ class HessianCollector:
         if group.last_input is x:
             return  # another layer of the group already counted this input
         rows = self._rows(name, x).float()  # x itself: cross-attention inputs are told by identity
-        xtx = rows.T @ rows
-        group.pending_xtx = xtx if group.pending_xtx is None else group.pending_xtx + xtx
+        if group.pending_xtx is None:
+            group.pending_xtx = rows.T @ rows if group.xtx is None else torch.addmm(group.xtx, rows.T, rows)
+        else:
+            group.pending_xtx.addmm_(rows.T, rows)  # in place: no c x c temporary
         group.pending_tokens += rows.shape[0]
         group.last_input = x
         self._last = (x, group)
