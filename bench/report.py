@@ -285,7 +285,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.llama_blocks:
         sets.append(llama_1b(args.llama_blocks))
     args.sets = sets
-    args.edit_models = {MINILM_L6.name}
+    args.edit_models = {MINILM_L6.name} | ({llama_1b(args.llama_blocks).name} if args.llama_blocks else set())
     return args
 
 
