@@ -1,8 +1,9 @@
-"""The ``"cpu"`` backend's multi-tensor AdamW: how one call shares its tensors among threads.
+"""The ``"cpu"`` backend's own choices, none of which may change an element-wise bit: how one
+multi-tensor AdamW call shares its tensors among threads, and which vector ISA runs its loops.
 
 The call lays its tensors end to end and cuts that range into one share per thread (csrc/cpu/adamw.cpp),
-so shares start and end inside tensors, and a call too small for a second thread runs on one. Neither
-may change a single bit: every element's update depends on its own inputs only.
+so shares start and end inside tensors, and a call too small for a second thread runs on one. The
+loops run as AVX-512, AVX2 or baseline code, whichever the CPU has (csrc/include/hpa/isa.h).
 """
 
 from __future__ import annotations
@@ -58,3 +59,59 @@ def test_matches_reference_across_shares():
     for k, (g, w) in enumerate(zip(got[0] + got[2] + got[3], want[0] + want[2] + want[3])):
         torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7, msg=f"tensor {k}")
     assert [s.item() for s in got[4]] == [s.item() for s in want[4]]
+
+
+_ISA_SCRIPT = """
+import sys, torch
+from hpa_kernels import ops
+out = {}
+gen = torch.Generator().manual_seed(0)
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    ps = [torch.randn(n, generator=gen).to(dtype) for n in (70001, 33, 4097)]
+    gs = [torch.randn(p.shape, generator=gen).to(dtype) for p in ps]
+    ms = [torch.zeros(p.shape) for p in ps]
+    vs = [torch.zeros(p.shape) for p in ps]
+    ss = [torch.zeros(()) for p in ps]
+    ops.adamw_step(ps, gs, ms, vs, ss, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, backend="cpu")
+    out[f"adamw {dtype}"] = [*ps, *ms, *vs]
+for mode in ("lagged", "exact"):
+    for dtype, shape in ((torch.float32, (130, 261)), (torch.bfloat16, (64, 77)), (torch.float16, (9, 1000))):
+        prev = torch.randn(shape, generator=gen).to(dtype)
+        t = ops.OnlineTensors(
+            (prev.float() + 0.05 * torch.randn(shape, generator=gen)).to(dtype), torch.randn(shape, generator=gen).to(dtype),
+            torch.zeros(shape), torch.zeros(shape), torch.zeros(()), prev, torch.rand(shape[1], generator=gen) < 0.2,
+            torch.zeros(shape[1]),
+        )
+        coef = torch.tensor(-0.0390625)
+        c = ops.online_step(*t, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1,
+                            projection=ops.OnlineProjection(mode=mode, coef=coef), backend="cpu")
+        out[f"online {mode} {dtype}"] = [t.param, t.exp_avg, t.exp_avg_sq, t.col_energy, c]
+torch.save(out, sys.argv[1])
+"""
+
+
+def test_every_isa_gives_the_same_elementwise_bits(tmp_path):
+    """The AVX-512, AVX2 and baseline instantiations (HPA_CPU_ISA caps the one picked) give the
+    same bits for every element-wise result — AdamW in each storage dtype, the online step's
+    moments and column energies, its lagged weights — and online coefficients (sums over vector
+    lanes) within fp32 rounding; the exact mode's weights follow its coefficient."""
+    import os
+    import subprocess
+    import sys
+
+    results = {}
+    for isa in ("baseline", "avx2", ""):
+        path = tmp_path / f"{isa or 'widest'}.pt"
+        env = {**os.environ, "HPA_CPU_ISA": isa}
+        subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(path)], check=True, env=env)
+        results[isa or "widest"] = torch.load(path)
+    reference = results.pop("baseline")
+    for isa, result in results.items():
+        for key, tensors in reference.items():
+            exact_mode = key.startswith("online exact")
+            for k, (a, b) in enumerate(zip(tensors, result[key])):
+                coefficient = key.startswith("online") and k == 4
+                if coefficient or (exact_mode and k == 0):
+                    torch.testing.assert_close(b.float(), a.float(), rtol=1e-5, atol=1e-6, msg=f"{isa} {key} {k}")
+                else:
+                    assert torch.equal(a, b), (isa, key, k)

@@ -63,6 +63,12 @@ HPA_TARGET_AVX2 void adamw_run_avx2(typename Storage<D>::Raw* p, const typename 
 }
 
 template <int D, bool kScaled, bool kLowWeight>
+HPA_TARGET_AVX512 void adamw_run_avx512(typename Storage<D>::Raw* p, const typename Storage<D>::Raw* g, float* m,
+                                        float* v, int64_t n, const AdamWStepConsts& k, float scale, float sign) {
+  adamw_run<D, kScaled, kLowWeight>(p, g, m, v, n, k, scale, sign);
+}
+
+template <int D, bool kScaled, bool kLowWeight>
 void adamw_run_base(typename Storage<D>::Raw* p, const typename Storage<D>::Raw* g, float* m, float* v, int64_t n,
                     const AdamWStepConsts& k, float scale, float sign) {
   adamw_run<D, kScaled, kLowWeight>(p, g, m, v, n, k, scale, sign);
@@ -70,7 +76,8 @@ void adamw_run_base(typename Storage<D>::Raw* p, const typename Storage<D>::Raw*
 
 template <int D, bool kScaled, bool kLowWeight>
 AdamWRunFn<D> pick_run3() {
-  return use_avx2() ? &adamw_run_avx2<D, kScaled, kLowWeight> : &adamw_run_base<D, kScaled, kLowWeight>;
+  return by_isa<AdamWRunFn<D>>(&adamw_run_avx512<D, kScaled, kLowWeight>, &adamw_run_avx2<D, kScaled, kLowWeight>,
+                               &adamw_run_base<D, kScaled, kLowWeight>);
 }
 
 template <int D>

@@ -260,14 +260,20 @@ HPA_TARGET_AVX2 void online_block_avx2(const OnlineBlock<D>& b, const AdamWStepC
   online_block<D, kScaled, kLowWeight, kLagged>(b, k, scale, sign, lag, dot, norm);
 }
 template <int D, bool kScaled, bool kLowWeight, bool kLagged>
+HPA_TARGET_AVX512 void online_block_avx512(const OnlineBlock<D>& b, const AdamWStepConsts& k, float scale, float sign,
+                                           float lag, double* dot, double* norm) {
+  online_block<D, kScaled, kLowWeight, kLagged>(b, k, scale, sign, lag, dot, norm);
+}
+template <int D, bool kScaled, bool kLowWeight, bool kLagged>
 void online_block_base(const OnlineBlock<D>& b, const AdamWStepConsts& k, float scale, float sign, float lag,
                        double* dot, double* norm) {
   online_block<D, kScaled, kLowWeight, kLagged>(b, k, scale, sign, lag, dot, norm);
 }
 template <int D, bool kScaled, bool kLowWeight, bool kLagged>
 OnlineBlockFn<D> pick_online4() {
-  return use_avx2() ? &online_block_avx2<D, kScaled, kLowWeight, kLagged>
-                    : &online_block_base<D, kScaled, kLowWeight, kLagged>;
+  return by_isa<OnlineBlockFn<D>>(&online_block_avx512<D, kScaled, kLowWeight, kLagged>,
+                                  &online_block_avx2<D, kScaled, kLowWeight, kLagged>,
+                                  &online_block_base<D, kScaled, kLowWeight, kLagged>);
 }
 template <int D, bool kScaled, bool kLowWeight>
 OnlineBlockFn<D> pick_online3(bool lagged) {
