@@ -547,6 +547,6 @@ class OnlineStepsPlan:
         layers = [t._replace(grad=g) for t, g in zip(self._layers, grads)]
         coefs = self._kernels.online_steps(layers, hyper, self._projections)
         lagged = [k for k, p in enumerate(self._projections) if p.lagged]
-        if lagged:
-            torch._foreach_copy_([self._projections[k].coef for k in lagged], list(coefs[lagged].unbind()))
+        if lagged:  # views of coefs (no index tensor, no host sync)
+            torch._foreach_copy_([self._projections[k].coef for k in lagged], [coefs[k] for k in lagged])
         return coefs
