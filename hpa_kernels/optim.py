@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from itertools import chain
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -48,6 +48,27 @@ def _renamed(method: str, name: str, value: Any, old_name: str, old_value: Any) 
 
 # Attributes of HPAOptimizer kept by copy.deepcopy and pickle besides torch.optim.Optimizer's own.
 _PICKLED_ATTRS = ("hpa", "backend", "hpa_layers", "_edited", "_in_task", "_tasks_completed", "_online_steps")
+
+
+_NO_STATE: dict[str, Any] = {}  # a weight without optimizer state, in an online plan's fingerprint
+
+
+def _module_weight(layer: ManagedLayer) -> Tensor:
+    """``layer.module.weight``, read from the module's parameters where it is one (no
+    ``nn.Module.__getattr__``: this runs for every managed layer at every online step)."""
+    weight = layer.module._parameters.get("weight")
+    return weight if weight is not None else layer.module.weight
+
+
+class _OnlineCache(NamedTuple):
+    """HPAOptimizer's online plan: kept while the managed weights with a gradient (``key``: their
+    ids) and what the plan captured (``fingerprint``) stay the same."""
+
+    key: tuple[int, ...]
+    ids: frozenset[int]  # the key as a set: the plain step skips these weights
+    weights: list[Tensor]
+    fingerprint: tuple | None
+    batches: list[online.OnlineBatch] | None  # None until the first step plans them
 
 
 class HPAOptimizer(Optimizer):
@@ -173,10 +194,7 @@ class HPAOptimizer(Optimizer):
         self._in_task = False
         self._tasks_completed = 0
         self._online_steps = 0  # steps of the open task taken in online mode (for refresh_every)
-        # The online step's plan: (managed weights, ids of those with a gradient, their batches or
-        # None before the first step plans them, the ids as a set)
-        self._online_cache: tuple[list[Tensor], tuple[int, ...], list[online.OnlineBatch] | None, frozenset[int]] | None
-        self._online_cache = None
+        self._online_cache: _OnlineCache | None = None  # the online step's plan
 
     @classmethod
     def from_model(cls, model: nn.Module, *, hpa: HPAConfig | None = None, **kwargs: Any) -> HPAOptimizer:
@@ -389,25 +407,43 @@ class HPAOptimizer(Optimizer):
     def _online_ids(self) -> frozenset[int]:
         """The ids of the managed weights the online step handles (those with a gradient, in
         online mode's tasks; the plain AdamW step skips them). The online step's plan
-        (:meth:`_online_batches`) is kept while they stay the same; ``begin_task``, ``end_task``,
-        ``load_state_dict`` and ``add_param_group`` drop it (the state it holds changes)."""
+        (:meth:`_online_batches`) is kept while they stay the same."""
         if not (self.hpa.enabled and self.hpa.online and self._in_task):
             return frozenset()
+        weights = [w for w in map(_module_weight, self.hpa_layers.values()) if w.grad is not None]
+        key = tuple(map(id, weights))
         cached = self._online_cache
-        weights = cached[0] if cached is not None else [layer.module.weight for layer in self.hpa_layers.values()]
-        key = tuple(id(w) for w in weights if w.grad is not None)
-        if cached is None or cached[1] != key:
-            cached = self._online_cache = (weights, key, None, frozenset(key))
-        return cached[3]
+        if cached is None or cached.key != key:
+            cached = self._online_cache = _OnlineCache(key, frozenset(key), weights, None, None)
+        return cached.ids
 
     def _online_batches(self) -> list[online.OnlineBatch]:
         """The online step's batches (:func:`online.plan_online_batches`) of :meth:`_online_ids`'
-        weights, planned on first use (their state exists once the plain step gathered them)."""
-        weights, key, batches, ids = self._online_cache
-        if batches is None:
-            batches = self._plan_online([w for w in weights if w.grad is not None])
-            self._online_cache = (weights, key, batches, ids)
-        return batches
+        weights: planned on first use (their state exists once the plain step gathered them) and
+        again whenever anything they hold was replaced (:meth:`_online_fingerprint`)."""
+        cached = self._online_cache
+        fingerprint = self._online_fingerprint(cached.weights)
+        if cached.batches is None or cached.fingerprint != fingerprint:
+            cached = self._online_cache = cached._replace(
+                fingerprint=fingerprint, batches=self._plan_online(cached.weights)
+            )
+        return cached.batches
+
+    def _online_fingerprint(self, weights: list[Tensor]) -> tuple:
+        """What a plan of ``weights`` captured, by identity: the config, the param group dicts and
+        their ``master_weights``, each weight's state dict and every entry of it (the state
+        tensors the plan holds among them), and each weight's address and strides. Any object replaced (``opt.state[w]["exp_avg"] =
+        ...``, ``opt.param_groups[0] = {...}``, ``opt.hpa = ...``, ``w.data = ...``) changes it."""
+        states = [self.state.get(w, _NO_STATE) for w in weights]
+        return (
+            id(self.hpa),
+            tuple(map(id, self.param_groups)),
+            tuple(group.get("master_weights") for group in self.param_groups),
+            tuple(map(id, states)),
+            tuple(map(id, chain.from_iterable(map(dict.values, states)))),  # every entry, in order
+            tuple(map(Tensor.data_ptr, weights)),
+            tuple(map(Tensor.stride, weights)),
+        )
 
     def _plan_online(self, weights: list[Tensor]) -> list[online.OnlineBatch]:
         group_of = {id(p): group for group in self.param_groups for p in group["params"]}
@@ -423,13 +459,11 @@ class HPAOptimizer(Optimizer):
         :class:`hpa_kernels.ops.OnlineStepsPlan` per (param group, device): AdamW, then the
         retained columns back to W_prev and ΔW made orthogonal to W_prev (exactly, or but for the
         lagged coefficient the next step removes); every ``refresh_every`` steps a new column
-        mask from the accumulated update energies. A plan whose tensors moved (a parameter's
-        storage replaced) is planned again."""
+        mask from the accumulated update energies. A plan whose tensors moved is planned again."""
         try:
             online.online_batches_step(self._online_batches(), grad_scale=grad_scale, found_inf=found_inf)
-        except ops.StalePlanError:
-            weights, key, _, ids = self._online_cache
-            self._online_cache = (weights, key, None, ids)
+        except ops.StalePlanError:  # a held tensor's storage replaced (``exp_avg.data = ...``)
+            self._online_cache = self._online_cache._replace(batches=None)
             online.online_batches_step(self._online_batches(), grad_scale=grad_scale, found_inf=found_inf)
         if found_inf is not None and bool(found_inf.item()):
             return  # a skipped step does not count towards the refresh (one host sync, online mode only)

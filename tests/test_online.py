@@ -9,10 +9,10 @@ import io
 
 import pytest
 import torch
-from helpers import DEFAULT_BACKEND, calibrate, optim_info, optims, train
+from helpers import BACKENDS, DEFAULT_BACKEND, calibrate, optim_info, optims, train
 from torch import nn
 
-from hpa_kernels import HPAConfig
+from hpa_kernels import HPAConfig, HPAOptimizer
 
 
 @optims("online")
@@ -230,3 +230,68 @@ def test_online_step_follows_replaced_storage_and_frozen_layers(info, projection
         runs.append(model)
     for (name, a), b in zip(runs[0].state_dict().items(), runs[1].state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def _rebind(key, make):
+    def mutate(optimizer, weight):
+        optimizer.state[weight][key] = make(optimizer.state[weight][key])
+
+    return mutate
+
+
+def _set_master_weights(optimizer, weight):
+    for group in optimizer.param_groups:
+        group["master_weights"] = True
+
+
+# What a user may swap mid-task without telling the optimizer: each must be used from the next step.
+REPLACEMENTS = {
+    "exp_avg": _rebind("exp_avg", torch.zeros_like),
+    "step": _rebind("step", lambda step: torch.zeros_like(step)),
+    "mask": _rebind("hpa_mask", lambda mask: torch.arange(mask.numel()) < mask.numel() // 2),
+    "prev": _rebind("hpa_prev", lambda prev: prev + 0.01),
+    "group dict": lambda optimizer, weight: optimizer.param_groups.__setitem__(
+        0, dict(optimizer.param_groups[0], lr=0.1)
+    ),
+    "config": lambda optimizer, weight: setattr(optimizer, "hpa", dataclasses.replace(optimizer.hpa, orthogonal=False)),
+    "projection": lambda optimizer, weight: setattr(
+        optimizer, "hpa", dataclasses.replace(optimizer.hpa, online_projection="lagged")
+    ),
+    "master_weights": _set_master_weights,
+    "transposed data": lambda optimizer, weight: setattr(weight, "data", weight.data.t()),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("projection", ["exact", "lagged"])
+@pytest.mark.parametrize("replacement", list(REPLACEMENTS))
+def test_online_plan_follows_replaced_state_groups_and_config(replacement, projection, backend):
+    """The online step's plan is rebuilt whenever something it captured is replaced mid-task (a
+    state tensor, a param group dict or its master_weights, the HPAConfig, a weight's data with
+    the same address but other strides): the weights and state equal, bit for bit, those of an
+    optimizer planning afresh at every step."""
+    runs = []
+    for fresh in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 8))
+        if replacement == "master_weights":
+            model = model.to(torch.bfloat16)
+        hpa = HPAConfig(online=True, refresh_every=3, include=("*",), online_projection=projection)
+        optimizer = HPAOptimizer.from_model(model, lr=1e-2, hpa=hpa, master_weights=False, backend=backend)
+        optimizer.begin_task({name: torch.ones(layer.in_features) for name, layer in optimizer.hpa_layers.items()})
+        weight = model[0].weight
+        gen = torch.Generator().manual_seed(1)
+        for step in range(8):
+            if step == 3:
+                REPLACEMENTS[replacement](optimizer, weight)
+            for p in model.parameters():
+                p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+            if fresh:
+                optimizer._online_cache = None
+            optimizer.step()
+        runs.append((weight.detach().clone(), {k: v.clone() for k, v in optimizer.state[weight].items()}))
+    (weight, state), (fresh_weight, fresh_state) = runs
+    assert torch.equal(weight, fresh_weight)
+    assert state.keys() == fresh_state.keys()
+    for key in state:
+        assert torch.equal(state[key], fresh_state[key]), key
