@@ -50,9 +50,6 @@ def _renamed(method: str, name: str, value: Any, old_name: str, old_value: Any) 
 _PICKLED_ATTRS = ("hpa", "backend", "hpa_layers", "_edited", "_in_task", "_tasks_completed", "_online_steps")
 
 
-_NO_STATE: dict[str, Any] = {}  # a weight without optimizer state, in an online plan's fingerprint
-
-
 def _module_weight(layer: ManagedLayer) -> Tensor:
     """``layer.module.weight``, read from the module's parameters where it is one (no
     ``nn.Module.__getattr__``: this runs for every managed layer at every online step)."""
@@ -434,7 +431,7 @@ class HPAOptimizer(Optimizer):
         their ``master_weights``, each weight's state dict and every entry of it (the state
         tensors the plan holds among them), and each weight's address and strides. Any object replaced (``opt.state[w]["exp_avg"] =
         ...``, ``opt.param_groups[0] = {...}``, ``opt.hpa = ...``, ``w.data = ...``) changes it."""
-        states = [self.state.get(w, _NO_STATE) for w in weights]
+        states = list(map(self.state.__getitem__, weights))  # every one has state by now (gathered)
         return (
             id(self.hpa),
             tuple(map(id, self.param_groups)),

@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import operator
 import os
 import warnings
 from collections.abc import Sequence
@@ -428,12 +429,13 @@ def online_steps(
 
 
 _TENSORS_ONLY = schema.AdamWHyper(0.0, 0.0, 0.0, 0.0, 0.0)  # no GradScaler tensors: checks of the tensors alone
+_SHAPE, _DTYPE, _DEVICE = operator.attrgetter("shape"), operator.attrgetter("dtype"), operator.attrgetter("device")
 
 
 class StalePlanError(RuntimeError):
-    """A tensor an :class:`OnlineStepsPlan` holds is no longer where the plan found it (its
-    storage was replaced: ``param.data = ...``, ``set_``, a ``load_state_dict`` that swapped
-    it): the plan did nothing; build a new one."""
+    """A tensor an :class:`OnlineStepsPlan` holds is no longer where or as the plan found it (its
+    storage or strides replaced: ``param.data = ...``, ``set_``): the plan did nothing; build a
+    new one."""
 
 
 class OnlineStepsPlan:
@@ -483,11 +485,18 @@ class OnlineStepsPlan:
                 raise ValueError(f"OnlineStepsPlan: layers[{k}]: a lagged coef must be a float32 one-element tensor")
         self._layers = layers
         self._projections = projections
-        self._grad_specs = [(t.param.shape, t.param.dtype) for t in layers]
+        # What each step's gradients must match: the params' shapes, dtypes and device.
+        self._grad_specs = (
+            [t.param.shape for t in layers],
+            [t.param.dtype for t in layers],
+            [self.device] * len(layers),
+        )
+        # Held tensors, checked by stale(): every one's address, the (r, c) ones' strides too.
         self._held = [
             x for t, p in zip(layers, projections) for x in (*t[:1], *t[2:], *((p.coef,) if p.lagged else ()))
         ]
-        self._addresses = list(map(Tensor.data_ptr, self._held))
+        self._matrices = [x for t in layers for x in (t.param, t.exp_avg, t.exp_avg_sq, t.w_prev)]
+        self._layouts = self._layout()
         plan = self._kernels.plan_online_steps
         self._step = (plan and plan(layers, projections)) or self._calls
 
@@ -524,13 +533,16 @@ class OnlineStepsPlan:
             StalePlanError: a held tensor moved; nothing was written.
         """
         grads = list(grads)
-        if len(grads) != len(self._grad_specs):
-            raise ValueError(f"OnlineStepsPlan.step: {len(self._grad_specs)} layers but {len(grads)} grads")
-        device = self.device
-        for g, (shape, dtype) in zip(grads, self._grad_specs):
-            if g.shape != shape or g.dtype != dtype or g.device != device:
-                layers = [t._replace(grad=g) for t, g in zip(self._layers, grads)]
-                schema.check_online_steps(layers, _TENSORS_ONLY, self._projections, float64=self._kernels.float64)
+        if len(grads) != len(self._layers):
+            raise ValueError(f"OnlineStepsPlan.step: {len(self._layers)} layers but {len(grads)} grads")
+        shapes, dtypes, devices = self._grad_specs
+        if (
+            list(map(_SHAPE, grads)) != shapes
+            or list(map(_DTYPE, grads)) != dtypes
+            or list(map(_DEVICE, grads)) != devices
+        ):
+            layers = [t._replace(grad=g) for t, g in zip(self._layers, grads)]
+            schema.check_online_steps(layers, _TENSORS_ONLY, self._projections, float64=self._kernels.float64)
         if self.stale():
             raise StalePlanError("OnlineStepsPlan.step: a held tensor's storage was replaced; build a new plan")
         hyper = schema.AdamWHyper(lr, beta1, beta2, eps, weight_decay, maximize, grad_scale, found_inf)
@@ -538,8 +550,12 @@ class OnlineStepsPlan:
         return self._step(grads, hyper)
 
     def stale(self) -> bool:
-        """Whether a tensor the plan holds is no longer where it was (:class:`StalePlanError`)."""
-        return list(map(Tensor.data_ptr, self._held)) != self._addresses
+        """Whether a tensor the plan holds is no longer where or as it was: another address or
+        other strides (:class:`StalePlanError`)."""
+        return self._layout() != self._layouts
+
+    def _layout(self) -> tuple[list[int], list[tuple[int, ...]]]:
+        return list(map(Tensor.data_ptr, self._held)), list(map(Tensor.stride, self._matrices))
 
     def _calls(self, grads: list[Tensor], hyper: schema.AdamWHyper) -> Tensor:
         """The step through the backend's :func:`online_steps` (its c_next copied into the lagged
