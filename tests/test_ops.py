@@ -613,6 +613,15 @@ def test_online_steps_plan_refuses_what_online_steps_refuses():
     with pytest.raises(ops.StalePlanError, match="build a new plan"):
         plan.step(grads, **HYPER)
     assert all(torch.equal(a, b) for a, b in zip(before, (t for layer in layers for t in layer)))
+    square = layers[0]._replace(
+        **{name: torch.zeros(5, 5) for name in ("param", "grad", "exp_avg", "exp_avg_sq", "w_prev")},
+        mask=torch.zeros(5, dtype=torch.bool),
+        col_energy=torch.zeros(5),
+    )
+    plan = ops.OnlineStepsPlan([square], backend="cpu")
+    square.exp_avg.data = square.exp_avg.data.t()  # the same address, other strides
+    with pytest.raises(ops.StalePlanError):
+        plan.step([torch.zeros(5, 5)], **HYPER)
 
 
 ONLINE_REFUSALS = {
