@@ -12,6 +12,11 @@ snapshot W_prev and mask M (the retained columns): W[:, M] == W_prev[:, M], and 
   previous step's coefficient in its AdamW pass, :func:`hpa_kernels.ops.online_step`); after a
   refresh c_next = 0, so the exact invariant holds there, and ``end_task``'s edit re-projects
   exactly, so a task's final weights satisfy Step 3's invariant in full.
+
+HPAOptimizer plans the step once per task (:func:`plan_online_batches`) and plans it again when
+the weights with a gradient change or anything the plan captured is replaced: a state tensor, a
+param group dict or its ``master_weights``, the HPAConfig, a weight's data (``w.data = ...``). A
+state tensor given another storage in place (``state["exp_avg"].data = ...``) is not followed.
 """
 
 from __future__ import annotations
@@ -96,7 +101,9 @@ def plan_online_batches(
     return planned
 
 
-def online_batches_step(batches: Sequence[OnlineBatch], *, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+def online_batches_step(
+    batches: Sequence[OnlineBatch], *, grad_scale: Tensor | None, found_inf: Tensor | None, check: bool = True
+) -> None:
     """One online step of every batch, in place (each weight's result that of its own
     :func:`hpa_kernels.ops.online_step`): AdamW, the retained columns back to W_prev, ΔW made
     orthogonal to W_prev (exact), or the previous step's component removed and the next one
@@ -106,17 +113,19 @@ def online_batches_step(batches: Sequence[OnlineBatch], *, grad_scale: Tensor | 
     Args:
         batches: from :func:`plan_online_batches`.
         grad_scale, found_inf: the AMP ``GradScaler`` tensors, or ``None``.
+        check: each plan checks that its held tensors have not moved
+            (:meth:`hpa_kernels.ops.OnlineStepsPlan.step`).
 
     Raises:
-        hpa_kernels.ops.StalePlanError: a tensor a plan holds moved; nothing was written. (The
-            plan holds detached views of the weights: whoever keeps batches checks that the
-            weights themselves have not moved, as ``HPAOptimizer`` does.)
+        hpa_kernels.ops.StalePlanError: with ``check``, a tensor a plan holds moved; that batch
+            and the ones after it were not stepped. (The plans hold detached views of the
+            weights: whoever keeps batches also checks the weights themselves, as
+            ``HPAOptimizer`` does.)
     """
-    if len(batches) > 1 and any(batch.plan.stale() for batch in batches):  # before the first batch steps
-        raise ops.StalePlanError("online step: a held tensor's storage was replaced; plan again")
     for batch in batches:
         grads = [_grad(weight, dtype) for weight, dtype in zip(batch.weights, batch.working_dtypes)]
-        batch.plan.step(grads, **adamw_hyperparameters(batch.group), grad_scale=grad_scale, found_inf=found_inf)
+        hyper = adamw_hyperparameters(batch.group)
+        batch.plan.step(grads, **hyper, grad_scale=grad_scale, found_inf=found_inf, check=check)
         for weight, working in batch.masters:
             weight.copy_(working)  # master weights: the parameter is the rounding
 

@@ -429,8 +429,11 @@ class HPAOptimizer(Optimizer):
     def _online_fingerprint(self, weights: list[Tensor]) -> tuple:
         """What a plan of ``weights`` captured, by identity: the config, the param group dicts and
         their ``master_weights``, each weight's state dict and every entry of it (the state
-        tensors the plan holds among them), and each weight's address and strides. Any object replaced (``opt.state[w]["exp_avg"] =
-        ...``, ``opt.param_groups[0] = {...}``, ``opt.hpa = ...``, ``w.data = ...``) changes it."""
+        tensors the plan holds among them), and each weight's address and strides. Any object
+        replaced (``opt.state[w]["exp_avg"] = ...``, ``opt.param_groups[0] = {...}``,
+        ``opt.hpa = ...``, ``w.data = ...``) changes it; a state tensor given another storage in
+        place (``state["exp_avg"].data = ...``, ``set_``) does not, and is not followed (assign a
+        new tensor instead)."""
         states = list(map(self.state.__getitem__, weights))  # every one has state by now (gathered)
         return (
             id(self.hpa),
@@ -456,12 +459,10 @@ class HPAOptimizer(Optimizer):
         :class:`hpa_kernels.ops.OnlineStepsPlan` per (param group, device): AdamW, then the
         retained columns back to W_prev and ΔW made orthogonal to W_prev (exactly, or but for the
         lagged coefficient the next step removes); every ``refresh_every`` steps a new column
-        mask from the accumulated update energies. A plan whose tensors moved is planned again."""
-        try:
-            online.online_batches_step(self._online_batches(), grad_scale=grad_scale, found_inf=found_inf)
-        except ops.StalePlanError:  # a held tensor's storage replaced (``exp_avg.data = ...``)
-            self._online_cache = self._online_cache._replace(batches=None)
-            online.online_batches_step(self._online_batches(), grad_scale=grad_scale, found_inf=found_inf)
+        mask from the accumulated update energies."""
+        # The fingerprint checked what may move (check=False: the state tensors' own addresses,
+        # out of cache after a forward and backward pass, are not read at every step).
+        online.online_batches_step(self._online_batches(), grad_scale=grad_scale, found_inf=found_inf, check=False)
         if found_inf is not None and bool(found_inf.item()):
             return  # a skipped step does not count towards the refresh (one host sync, online mode only)
         self._online_steps += 1

@@ -162,7 +162,7 @@ def test_one_planned_call_per_step_equals_one_call_per_layer(info, projection, m
         def stale(self):
             return False
 
-        def step(self, grads, **kwargs):
+        def step(self, grads, *, check=True, **kwargs):
             coefs = []
             for t, p, g in zip(self.layers, self.projections, grads):
                 coefs.append(ops.online_step(*t._replace(grad=g), projection=p, backend=self.backend, **kwargs))

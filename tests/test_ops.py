@@ -613,6 +613,10 @@ def test_online_steps_plan_refuses_what_online_steps_refuses():
     with pytest.raises(ops.StalePlanError, match="build a new plan"):
         plan.step(grads, **HYPER)
     assert all(torch.equal(a, b) for a, b in zip(before, (t for layer in layers for t in layer)))
+    moved = layers[5].param.clone()
+    plan.step(grads, **HYPER, check=False)  # unchecked: the step writes the storage it was built on
+    assert torch.equal(layers[5].param, moved)  # not followed
+    assert not torch.equal(layers[3].param, before[3 * len(layers[3])])  # the other layers stepped
     square = layers[0]._replace(
         **{name: torch.zeros(5, 5) for name in ("param", "grad", "exp_avg", "exp_avg_sq", "w_prev")},
         mask=torch.zeros(5, dtype=torch.bool),
