@@ -115,3 +115,47 @@ def test_every_isa_gives_the_same_elementwise_bits(tmp_path):
                     torch.testing.assert_close(b.float(), a.float(), rtol=1e-5, atol=1e-6, msg=f"{isa} {key} {k}")
                 else:
                     assert torch.equal(a, b), (isa, key, k)
+
+
+def _online_layers(seed):
+    gen = torch.Generator().manual_seed(seed)
+    layers = []
+    for shape in ((300, 257), (1000, 40), (7, 3000), (513, 2100)):  # row and column blocks of every size
+        prev = torch.randn(shape, generator=gen)
+        layers.append(
+            ops.OnlineTensors(
+                prev + 0.05 * torch.randn(shape, generator=gen),
+                torch.randn(shape, generator=gen),
+                torch.zeros(shape),
+                torch.zeros(shape),
+                torch.zeros(()),
+                prev,
+                torch.rand(shape[1], generator=gen) < 0.2,
+                torch.rand(shape[1], generator=gen),
+            )
+        )
+    return layers
+
+
+@pytest.mark.parametrize("mode", ["exact", "lagged"])
+def test_online_step_bits_do_not_depend_on_the_thread_count(mode):
+    """The online step's sums (column energies, the projection coefficient) and so every tensor it
+    writes have the same bits on 1, 2 or 3 threads: its tiling is fixed by the layers' shapes."""
+    previous = torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)  # the kernels' OpenMP runtime is torch's
+            layers = _online_layers(seed=4)
+            projections = [ops.OnlineProjection(mode=mode, coef=torch.tensor(0.01)) for _ in layers]
+            coefs = ops.online_steps(layers, **HYPER, projections=projections, backend="cpu")
+            runs.append((layers, coefs))
+    finally:
+        torch.set_num_threads(previous)
+    (layers, coefs), *others = runs
+    assert bool((coefs != 0).all())
+    for other_layers, other_coefs in others:
+        assert torch.equal(coefs, other_coefs)
+        for a, b in zip(layers, other_layers):
+            for name, x, y in zip(ops.OnlineTensors._fields, a, b):
+                assert torch.equal(x, y), name

@@ -1,9 +1,9 @@
 // HPA kernels on the CPU: the consolidation reduce and write (HPA_SPEC.md Steps 1 and 3) and the
 // online step. The reduce follows the fixed summation order of hpa/common.h (kRowBlock): each task
 // owns whole columns over all rows, so its bits do not depend on the thread count. The online
-// step's reductions split the (r, c) matrix into row blocks x column blocks; each row block keeps
-// its own fp32 column partials, summed in double in a fixed order (deterministic for a given
-// thread count).
+// step's reductions split the (r, c) matrix into row blocks x column blocks fixed by its shape
+// (tile()); each row block keeps its own fp32 column partials, summed in double in a fixed order,
+// so their bits do not depend on the thread count either.
 #include <algorithm>
 #include <atomic>
 #include <cstring>
@@ -21,17 +21,20 @@ namespace {
 constexpr int64_t kSmallWork = int64_t{1} << 15;  // below this many elements: one thread
 constexpr int64_t kRowSpan = 2048;                // fp32 row partials span at most this many columns
 
-// Row blocks x column blocks for a reduction over an (r, c) matrix on `threads` threads.
+// Row blocks x column blocks of one layer's online pass 1: blocks of at most kTaskRows rows by
+// kRowSpan columns, fixed by the layer's shape alone (not the thread count), so every sum of the
+// pass (the column energies, <dW, W_prev>, ||W_prev||^2) is taken in one order, with the same bits,
+// on any number of threads.
+constexpr int64_t kTaskRows = 256;
 struct Tiling {
   int64_t row_blocks;
   int64_t col_blocks;
 };
 
 Tiling tile(int64_t r, int64_t c) {
-  int64_t threads = (r * c < kSmallWork) ? 1 : num_threads();
   Tiling t;
-  t.row_blocks = std::max<int64_t>(1, std::min<int64_t>(threads, r / 4));
-  t.col_blocks = std::max<int64_t>(1, std::min<int64_t>((threads + t.row_blocks - 1) / t.row_blocks, c / 64));
+  t.row_blocks = std::max<int64_t>(1, (r + kTaskRows - 1) / kTaskRows);
+  t.col_blocks = std::max<int64_t>(1, (c + kRowSpan - 1) / kRowSpan);
   return t;
 }
 
