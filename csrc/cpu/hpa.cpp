@@ -167,34 +167,39 @@ void apply_row_base(const typename Storage<D>::Raw* pr, const typename Storage<D
   apply_row<D>(pr, nr, orow, mask, c, coef);
 }
 
-// Online step pass 1 on columns [j0, j1) of one row: AdamW, retained columns reset to W_prev,
-// column energies, and the row's <dW, W_prev> and ||W_prev (1 - M)||^2 terms of the values written.
-// kLagged: the free columns get round(W_a - lag W_prev) (the previous step's coefficient, applied in
-// this pass), else round(W_a). The mask comes widened to 32 bits (one word per column, nonzero =
-// retained): every stream of the loop is then 32 bits wide and it vectorises at the full width.
+// One block of an online pass 1: rows [r0, r1) x columns [c0, c1) of one layer (tile(): at most
+// kRowSpan columns, so each row's fp32 sums span at most that many).
 template <int D>
-struct OnlineRow {
-  typename Storage<D>::Raw* pr;
-  const typename Storage<D>::Raw* gr;
-  const typename Storage<D>::Raw* wr;
-  float* mr;
-  float* vr;
-  const uint32_t* mask;
-  float* acc;
+struct OnlineBlock {
+  typename Storage<D>::Raw* param;
+  const typename Storage<D>::Raw* grad;
+  const typename Storage<D>::Raw* w_prev;
+  float* exp_avg;
+  float* exp_avg_sq;
+  const uint32_t* mask;  // the layer's widened mask
+  float* acc;            // the block's column partials (cols entries, indexed by column)
+  int64_t cols, r0, r1, c0, c1;
 };
 
+// Online step pass 1 on the block's columns of the row starting at element `at`: AdamW, retained
+// columns reset to W_prev, column energies, and the row's <dW, W_prev> and ||W_prev (1 - M)||^2
+// terms of the values written. kLagged: the free columns get round(W_a - lag W_prev) (the previous
+// step's coefficient, applied in this pass), else round(W_a). The mask comes widened to 32 bits
+// (one word per column, nonzero = retained): every stream of the loop is then 32 bits wide and it
+// vectorises at the full width.
 template <int D, bool kScaled, bool kLowWeight, bool kLagged>
-HPA_ALWAYS_INLINE void online_seg(const OnlineRow<D>& row, int64_t j0, int64_t j1, const AdamWStepConsts& kc,
-                                  float scale, float sign, float lag, float* dot_out, float* norm_out) {
+HPA_ALWAYS_INLINE void online_seg(const OnlineBlock<D>& b, int64_t at, const AdamWStepConsts& kc, float scale,
+                                  float sign, float lag, float* dot_out, float* norm_out) {
   using S = Storage<D>;
   using Raw = typename S::Raw;
-  Raw* __restrict pr = row.pr;
-  const Raw* __restrict gr = row.gr;
-  const Raw* __restrict wr = row.wr;
-  float* __restrict mr = row.mr;
-  float* __restrict vr = row.vr;
-  const uint32_t* __restrict mask = row.mask;
-  float* __restrict acc = row.acc;
+  Raw* __restrict pr = b.param + at;
+  const Raw* __restrict gr = b.grad + at;
+  const Raw* __restrict wr = b.w_prev + at;
+  float* __restrict mr = b.exp_avg + at;
+  float* __restrict vr = b.exp_avg_sq + at;
+  const uint32_t* __restrict mask = b.mask;
+  float* __restrict acc = b.acc;
+  const int64_t j0 = b.c0, j1 = b.c1;
   const AdamWStepConsts k = kc;
   float rdot = 0.0f, rnorm = 0.0f;
 #pragma omp simd reduction(+ : rdot, rnorm)
@@ -222,34 +227,17 @@ HPA_ALWAYS_INLINE void online_seg(const OnlineRow<D>& row, int64_t j0, int64_t j
   *norm_out = rnorm;
 }
 
-// Pass 1 on rows [r0, r1) x columns [c0, c1) of one layer: online_seg on each row, in spans of at
-// most kRowSpan columns, each span's fp32 sums added to the block's double sums in order.
-template <int D>
-struct OnlineBlock {
-  typename Storage<D>::Raw* param;
-  const typename Storage<D>::Raw* grad;
-  const typename Storage<D>::Raw* w_prev;
-  float* exp_avg;
-  float* exp_avg_sq;
-  const uint32_t* mask;  // the layer's widened mask
-  float* acc;            // the block's column partials (cols entries, indexed by column)
-  int64_t cols, r0, r1, c0, c1;
-};
-
+// Pass 1 on a block: online_seg on each row, each row's fp32 sums added to the block's double sums
+// in order.
 template <int D, bool kScaled, bool kLowWeight, bool kLagged>
 HPA_ALWAYS_INLINE void online_block(const OnlineBlock<D>& b, const AdamWStepConsts& k, float scale, float sign,
                                     float lag, double* dot_out, double* norm_out) {
   double dot = 0.0, norm = 0.0;
   for (int64_t i = b.r0; i < b.r1; ++i) {
-    const int64_t at = i * b.cols;
-    const OnlineRow<D> row{b.param + at, b.grad + at, b.w_prev + at, b.exp_avg + at, b.exp_avg_sq + at, b.mask, b.acc};
-    for (int64_t j0 = b.c0; j0 < b.c1; j0 += kRowSpan) {
-      const int64_t j1 = std::min(b.c1, j0 + kRowSpan);
-      float rdot = 0.0f, rnorm = 0.0f;
-      online_seg<D, kScaled, kLowWeight, kLagged>(row, j0, j1, k, scale, sign, lag, &rdot, &rnorm);
-      dot += rdot;
-      norm += rnorm;
-    }
+    float rdot = 0.0f, rnorm = 0.0f;
+    online_seg<D, kScaled, kLowWeight, kLagged>(b, i * b.cols, k, scale, sign, lag, &rdot, &rnorm);
+    dot += rdot;
+    norm += rnorm;
   }
   *dot_out = dot;
   *norm_out = norm;
@@ -427,7 +415,7 @@ void online_typed(int64_t n, const OnlineLayer* layers, const AdamWHyper& h, con
     }
   }
   const int64_t nitems = static_cast<int64_t>(item_layer.size());
-  // Each layer's mask widened to one 32-bit word per column (see OnlineRow).
+  // Each layer's mask widened to one 32-bit word per column (see online_seg).
   std::vector<int64_t> mask0(static_cast<size_t>(n) + 1, 0);  // first wide-mask word of each layer
   for (int64_t l = 0; l < n; ++l) mask0[static_cast<size_t>(l) + 1] = mask0[static_cast<size_t>(l)] + layers[l].cols;
   std::vector<uint32_t> wide_mask(static_cast<size_t>(mask0[static_cast<size_t>(n)]));
