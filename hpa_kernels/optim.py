@@ -460,9 +460,7 @@ class HPAOptimizer(Optimizer):
         retained columns back to W_prev and ΔW made orthogonal to W_prev (exactly, or but for the
         lagged coefficient the next step removes); every ``refresh_every`` steps a new column
         mask from the accumulated update energies."""
-        # The fingerprint checked what may move (check=False: the state tensors' own addresses,
-        # out of cache after a forward and backward pass, are not read at every step).
-        online.online_batches_step(self._online_batches(), grad_scale=grad_scale, found_inf=found_inf, check=False)
+        online.online_batches_step(self._online_batches(), grad_scale=grad_scale, found_inf=found_inf)
         if found_inf is not None and bool(found_inf.item()):
             return  # a skipped step does not count towards the refresh (one host sync, online mode only)
         self._online_steps += 1
@@ -569,10 +567,9 @@ class HPAOptimizer(Optimizer):
         hinv_task = _renamed("end_task", "hinv_task", hinv_task, "task_hessians", task_hessians)
         if not self._in_task:
             raise RuntimeError("HPAOptimizer.end_task: no task is open; call begin_task first")
-        self._online_cache = None  # the edit rewrites the state the plan holds
+        self._online_cache = None  # the edit rewrites the state the plan holds, and closes the task
         if not self.hpa.enabled:
             self._in_task = False
-            self._online_cache = None
             self._tasks_completed += 1
             return {}
         checked = check_statistics("hinv_task", hinv_task, self.hpa_layers)
@@ -611,7 +608,6 @@ class HPAOptimizer(Optimizer):
         reports = {name: self._edited[name] for name in self.hpa_layers}
         self._edited = {}
         self._in_task = False
-        self._online_cache = None
         self._tasks_completed += 1
         return reports
 
